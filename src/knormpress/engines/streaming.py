@@ -1,0 +1,60 @@
+"""The reference engine: read the text token by token with a real cache, compress after every step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel
+
+from knormpress.compression import CacheCompressor, Compression
+from knormpress.metrics import EvalResult
+
+
+@torch.no_grad()
+def evaluate_streaming(
+    model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None, progress: bool = False
+) -> EvalResult:
+    """input_ids: (1, T). Positions are passed explicitly, so pruned caches never shift them.
+
+    The first min(T, fix_kv_size) tokens go through in one call: nothing is evicted before the
+    cache exceeds the budget, so this is the same computation, only faster.
+    """
+    T = input_ids.shape[1]
+    compress = CacheCompressor(compression) if compression is not None else None
+    cache = DynamicCache(config=model.config)
+    logits, held = [], []
+    prefill = min(T - 1, compression.fix_kv_size) if compression is not None else T - 1
+    steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, T - 1)]
+    for start, stop in tqdm(steps, desc="tokens", unit="step", disable=not progress, leave=False):
+        positions = torch.arange(start, stop, device=input_ids.device).unsqueeze(0)
+        out = model(input_ids=input_ids[:, start:stop], position_ids=positions, cache=cache, use_cache=True)
+        logits.append(out.logits[0].float())
+        if compress is not None:
+            compress(cache)
+        held.extend(_held(cache, start, stop))
+    logits = torch.cat(logits)
+    targets = input_ids[0, 1:]
+    tokens = torch.tensor([h[0] for h in held], dtype=torch.float64)
+    nbytes = torch.tensor([h[1] for h in held], dtype=torch.float64)
+    return EvalResult(
+        nll=F.cross_entropy(logits, targets, reduction="none"),
+        correct=logits.argmax(-1) == targets,
+        kv_tokens_peak=tokens.max().item(),
+        kv_tokens_mean=tokens.mean().item(),
+        kv_bytes_peak=nbytes.max().item(),
+        kv_bytes_mean=nbytes.mean().item(),
+        engine="streaming",
+    )
+
+
+def _held(cache: DynamicCache, start: int, stop: int) -> list[tuple[float, float]]:
+    """(tokens per layer, bytes) the cache holds when each query after this call starts.
+
+    Inside a prefill call nothing is evicted, so query q+1 starts with q+1 tokens everywhere.
+    """
+    layers = cache.layers
+    lengths = [l.keys.shape[-2] for l in layers]
+    per_token = sum((l.keys.nbytes + l.values.nbytes) / n for l, n in zip(layers, lengths))
+    grown = [(q + 1, (q + 1) * per_token) for q in range(start, stop - 1)]
+    return grown + [(sum(lengths) / len(layers), sum(l.keys.nbytes + l.values.nbytes for l in layers))]

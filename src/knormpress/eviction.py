@@ -1,0 +1,115 @@
+"""The eviction rule: the one definition every number in this project depends on.
+
+After token t has been processed (the cache holds what positions 0..t left behind), each
+compressed layer keeps, per KV head, at most B = `fix_kv_size` tokens:
+
+* sinks: positions 0 .. n_sink-1, always kept;
+* the recent window: the n_recent newest positions, t-n_recent+1 .. t, always kept, with
+  n_recent = min(round_half_up(keep_ratio * B), B - n_sink);
+* the older tokens (everything else) compete for the K = B - n_sink - n_recent remaining
+  slots: the K with the highest strategy score survive, ties going to the earlier position.
+
+Query t+1 then attends to the kept cache plus its own key. While t+1 <= B nothing is evicted.
+For a static score (fixed once the key exists) an evicted token could never win again, so the
+kept older tokens after step t are simply the top K among all older tokens ever seen. That
+gives each key an expiry: the first query that no longer sees it. `select` answers the
+streaming engine ("which indices does the cache keep now?"), `expiry` answers the masked
+engine ("until which query is each key visible?"); a test derives one from the other.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Slot arithmetic for one compressed layer and head."""
+
+    fix_kv_size: int
+    keep_ratio: float
+    n_sink: int = 0
+
+    @property
+    def n_recent(self) -> int:
+        """Recent-window size, keep_ratio * B rounded half up, capped by what sinks leave."""
+        return min(math.floor(self.keep_ratio * self.fix_kv_size + 0.5), self.fix_kv_size - self.n_sink)
+
+    @property
+    def n_scored(self) -> int:
+        """Slots left for older tokens chosen by the strategy's score."""
+        return self.fix_kv_size - self.n_sink - self.n_recent
+
+
+def select(
+    scores: torch.Tensor, positions: torch.Tensor, length: int, budget: Budget, sort_by_time: bool = True
+) -> torch.Tensor:
+    """Indices (along the last dim) of the cached tokens to keep, shape (..., min(n, B)).
+
+    scores, positions: (..., n) for the tokens in the cache, in any order; `length` is the
+    number of tokens processed so far (t + 1). With sort_by_time the kept tokens come back in
+    time order; without it in score order (sinks and recent window first, in time order), the
+    original paper's layout, kept only for the ablation.
+    """
+    n = scores.shape[-1]
+    if n <= budget.fix_kv_size:
+        return torch.arange(n, device=scores.device).expand(scores.shape)
+    forced = (positions < budget.n_sink) | (positions >= length - budget.n_recent)
+    priority = scores.float().masked_fill(forced, math.inf)
+    by_time = positions.argsort(dim=-1, stable=True)
+    best = priority.gather(-1, by_time).argsort(dim=-1, descending=True, stable=True)
+    keep = by_time.gather(-1, best[..., : budget.fix_kv_size])
+    if sort_by_time:
+        keep = keep.gather(-1, positions.gather(-1, keep).argsort(dim=-1))
+    return keep
+
+
+def expiry(scores: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """First query position that can no longer see each key, shape like `scores` (..., T).
+
+    scores: static scores of the keys at positions 0..T-1. A key that is never evicted
+    within T tokens gets T. Replays the eviction of older tokens with a min-heap of the K
+    survivors: when older token m arrives (at step m + n_recent) and pushes out token w,
+    queries from m + n_recent + 1 on no longer see w.
+    """
+    shape, T = scores.shape, scores.shape[-1]
+    first = budget.n_sink
+    K, lag = budget.n_scored, budget.n_recent + 1
+    out = torch.full((math.prod(shape[:-1]), T), T, dtype=torch.long)
+    for row, values in enumerate(scores.reshape(-1, T).float().tolist()):
+        expires = out[row].tolist()
+        heap: list[tuple[float, int]] = []
+        for m in range(first, T):
+            item = (values[m], -m)
+            if len(heap) < K:
+                heapq.heappush(heap, item)
+                continue
+            _, neg_w = heapq.heappushpop(heap, item) if K else item
+            expires[-neg_w] = min(m + lag, T)
+        out[row] = torch.tensor(expires)
+    return out.reshape(shape).to(scores.device)
+
+
+def visible(expiry_at: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (..., len(queries), T): key j is visible to query q iff j <= q < expiry[j]."""
+    keys = torch.arange(expiry_at.shape[-1], device=expiry_at.device)
+    q = queries.view(-1, 1)
+    return (keys <= q) & (q < expiry_at.unsqueeze(-2))
+
+
+def held_tokens(expiry_at: torch.Tensor) -> torch.Tensor:
+    """Tokens held per row when query q = 1..T-1 starts: keys j < q with expiry[j] > q.
+
+    Returns (..., T-1). This is the cache the streaming engine holds after compressing at
+    step q-1, so both engines report the same memory.
+    """
+    T = expiry_at.shape[-1]
+    flat = expiry_at.reshape(-1, T)
+    gone = torch.zeros(flat.shape[0], T + 1, dtype=torch.long, device=flat.device)
+    gone.scatter_add_(1, flat.clamp(max=T), torch.ones_like(flat))
+    alive = torch.arange(1, T, device=flat.device) - gone[:, : T].cumsum(1)[:, 1:T]
+    return alive.reshape(*expiry_at.shape[:-1], T - 1)

@@ -1,0 +1,133 @@
+"""Strategies: each one is a score per cached token, higher = more worth keeping.
+
+A strategy only ranks the *older* tokens (outside the sink and recent window); the budget
+arithmetic and the selection itself live in `knormpress.eviction`, shared by every strategy.
+Adding a strategy is one small class with `@register`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from knormpress.errors import ConfigError
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available by its `name`."""
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+class Strategy:
+    """Base class. `static` means a token's score never changes once its key exists, which is
+    what lets the masked engine replace the token-by-token loop with one forward pass."""
+
+    name: ClassVar[str]
+    static: ClassVar[bool] = True
+    needs_sinks: ClassVar[bool] = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def score(self, keys: torch.Tensor, positions: torch.Tensor, layer: int) -> torch.Tensor:
+        """keys: (batch, kv_heads, n, head_dim); positions: (batch, kv_heads, n) absolute
+        positions. Returns (batch, kv_heads, n) float32 scores, higher = keep."""
+        raise NotImplementedError
+
+
+@register
+class KeepLow(Strategy):
+    """KnormPress: keys with a low L2 norm tend to draw high attention, so keep those."""
+
+    name = "keep_low"
+
+    def score(self, keys, positions, layer):
+        return -keys.float().norm(dim=-1)
+
+
+@register
+class KeepHigh(Strategy):
+    """The paper's negative control: keep the keys with the highest L2 norm."""
+
+    name = "keep_high"
+
+    def score(self, keys, positions, layer):
+        return keys.float().norm(dim=-1)
+
+
+@register
+class RecentOnly(Strategy):
+    """Sliding window: newer is better, so the older slots extend the recent window
+    (identical to keep_ratio = 1)."""
+
+    name = "recent_only"
+
+    def score(self, keys, positions, layer):
+        return positions.float()
+
+
+@register
+class Sinks(RecentOnly):
+    """StreamingLLM: the first `n_sink` tokens plus a sliding window."""
+
+    name = "sinks"
+    needs_sinks = True
+
+
+@register
+class Random(Strategy):
+    """A uniform random priority per (layer, head, position), fixed by the seed. Because the
+    priority is a pure function of the token, the kept older tokens are a uniform random
+    subset of all older tokens, and the masked engine can use it."""
+
+    name = "random"
+
+    def score(self, keys, positions, layer):
+        b, h, _ = positions.shape
+        head = torch.arange(h).view(1, h, 1).expand(b, h, -1)
+        return _hash_uniform(self.seed, layer, head, positions.cpu()).to(keys.device)
+
+
+@register
+class RandomPerStep(Strategy):
+    """The naive random press: a fresh random draw at every compression step. Old tokens then
+    survive with geometrically falling odds, unlike `random`; not static, streaming only."""
+
+    name = "random_per_step"
+    static = False
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def score(self, keys, positions, layer):
+        return torch.rand(positions.shape, generator=self.generator).to(keys.device)
+
+
+def get_strategy(name: str, seed: int = 0) -> Strategy:
+    """Build a registered strategy, or fail with the list of valid names."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](seed=seed)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _hash_uniform(seed: int, layer: int, head: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Counter-based hash (splitmix64 finaliser) to float32 in [0, 1): no state to carry
+    between steps, so streaming and masked engines draw the same number for a token."""
+    with np.errstate(over="ignore"):
+        x = positions.numpy().astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= head.numpy().astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+        x ^= np.uint64((layer * 0x94D049BB133111EB + seed * 0xD6E8FEB86659FD93) & _MASK64)
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            x ^= x >> np.uint64(shift)
+            x *= np.uint64(mult)
+        x ^= x >> np.uint64(31)
+    return torch.from_numpy((x >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24))
