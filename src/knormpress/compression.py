@@ -66,7 +66,8 @@ class CacheCompressor:
     def __call__(self, cache: DynamicCache) -> DynamicCache:
         layers = _dynamic_layers(cache)
         c = self.compression
-        c.check_layers(len(layers))
+        if layers:  # a fresh DynamicCache() grows its layers lazily
+            c.check_layers(len(layers))
         for idx, layer in enumerate(layers):
             if idx in c.skip_layers or not layer.is_initialized or layer.keys.shape[-2] <= c.fix_kv_size:
                 continue

@@ -1,0 +1,110 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from knormpress import Compression, ConfigError, fix_size_l2_compress
+from knormpress.compression import CacheCompressor
+
+
+def filled_cache(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None], use_cache=True)
+    return out.past_key_values
+
+
+def reference_keep(keys, B, n_recent):
+    """Per head: the recent window plus the lowest-norm older tokens, in time order."""
+    n = keys.shape[-2]
+    recent = list(range(n - n_recent, n))
+    norms = keys.float().norm(dim=-1)
+    out = []
+    for h in range(keys.shape[1]):
+        older = sorted(range(n - n_recent), key=lambda p: (norms[0, h, p].item(), p))[: B - n_recent]
+        out.append(sorted(older + recent))
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 1.0])
+def test_compression_keeps_budget_recent_window_and_lowest_norms(model, text_ids, ratio):
+    cache = filled_cache(model, text_ids[:100])
+    before = [(l.keys.clone(), l.values.clone()) for l in cache.layers]
+    fix_size_l2_compress(cache, fix_kv_size=32, keep_ratio=ratio, skip_layers=[0, 2])
+    n_recent = round(ratio * 32 + 1e-9)
+    for i, (layer, (k0, v0)) in enumerate(zip(cache.layers, before)):
+        if i in (0, 2):
+            assert torch.equal(layer.keys, k0) and torch.equal(layer.values, v0)
+            continue
+        assert layer.keys.shape[-2] == 32 and layer.values.shape[-2] == 32
+        want = torch.tensor(reference_keep(k0, 32, n_recent))
+        assert torch.equal(layer.knorm_positions[0], want)
+        assert (layer.knorm_positions.diff(dim=-1) > 0).all()  # time order
+        assert torch.equal(layer.keys[0], k0[0].gather(1, want[..., None].expand(-1, -1, k0.shape[-1])))
+        assert torch.equal(layer.values[0], v0[0].gather(1, want[..., None].expand(-1, -1, v0.shape[-1])))
+
+
+def test_sinks_are_always_kept(model, text_ids):
+    cache = filled_cache(model, text_ids[:100])
+    fix_size_l2_compress(cache, fix_kv_size=16, keep_ratio=0.25, n_sink=4, strategy="keep_high", skip_layers=[])
+    for layer in cache.layers:
+        pos = layer.knorm_positions
+        assert (pos[..., :4] == torch.arange(4)).all() and (pos[..., -4:] == torch.arange(96, 100)).all()
+
+
+def test_repeated_compression_tracks_absolute_positions(model, text_ids):
+    """Compress, append more tokens, compress again: the recent window follows the text."""
+    cache = filled_cache(model, text_ids[:50])
+    c = CacheCompressor(Compression(fix_kv_size=20, keep_ratio=0.5, skip_layers=[]))
+    c(cache)
+    with torch.no_grad():
+        model(input_ids=text_ids[50:60][None], position_ids=torch.arange(50, 60)[None], cache=cache, use_cache=True)
+    c(cache)
+    for layer in cache.layers:
+        assert (layer.knorm_positions[..., -10:] == torch.arange(50, 60)).all()
+        assert layer.knorm_length == 60
+
+
+def test_random_is_reproducible_per_seed_and_differs_across_seeds(model, text_ids):
+    kept = {}
+    for seed in (0, 0, 1):
+        cache = filled_cache(model, text_ids[:200])
+        fix_size_l2_compress(cache, fix_kv_size=40, keep_ratio=0.25, strategy="random", skip_layers=[], seed=seed)
+        kept.setdefault(seed, []).append(torch.cat([l.knorm_positions for l in cache.layers]))
+    assert torch.equal(kept[0][0], kept[0][1])
+    assert not torch.equal(kept[0][0], kept[1][0])
+
+
+def test_score_order_layout_holds_the_same_tokens(model, text_ids):
+    a, b = filled_cache(model, text_ids[:120]), filled_cache(model, text_ids[:120])
+    fix_size_l2_compress(a, fix_kv_size=24, sort_by_time=True)
+    fix_size_l2_compress(b, fix_kv_size=24, sort_by_time=False)
+    for la, lb in zip(a.layers[2:], b.layers[2:]):
+        assert not torch.equal(la.knorm_positions, lb.knorm_positions)
+        assert torch.equal(la.knorm_positions, lb.knorm_positions.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(strategy="keep_lo"), ["unknown strategy 'keep_lo'", "keep_high, keep_low, random"]),
+    (dict(keep_ratio=1.5), ["keep_ratio must lie in [0, 1]", "1.5"]),
+    (dict(keep_ratio=-0.1), ["keep_ratio must lie in [0, 1]"]),
+    (dict(fix_kv_size=0), ["fix_kv_size must be an integer >= 1"]),
+    (dict(n_sink=600), ["n_sink must be an integer in [0, fix_kv_size=512)"]),
+    (dict(strategy="sinks"), ["needs n_sink >= 1"]),
+    (dict(skip_layers=[0, 9]), ["skip_layers [9] do not exist", "layers 0..3"]),
+])
+def test_bad_input_gives_one_clear_error(model, text_ids, kwargs, words):
+    cache = filled_cache(model, text_ids[:10])
+    with pytest.raises(ConfigError) as err:
+        fix_size_l2_compress(cache, **kwargs)
+    for w in words:
+        assert w in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cache", [((torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)),), "cache"])
+def test_unsupported_cache_types_are_refused(cache):
+    with pytest.raises(ConfigError, match="cannot compress a .*pass a transformers DynamicCache"):
+        fix_size_l2_compress(cache)
+
+
+def test_empty_dynamic_cache_is_a_no_op():
+    assert fix_size_l2_compress(DynamicCache()).get_seq_length() == 0

@@ -1,0 +1,49 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from knormpress import Compression, ConfigError, evaluate
+
+
+def test_baseline_equals_one_plain_forward(model, text_ids):
+    res = evaluate(model, text_ids, engine="streaming")
+    with torch.no_grad():
+        logits = model(text_ids[None]).logits[0, :-1].float()
+    assert res.nll.shape == res.correct.shape == (299,)
+    assert torch.allclose(res.nll, F.cross_entropy(logits, text_ids[1:], reduction="none"), atol=1e-4)
+    assert torch.equal(res.correct, logits.argmax(-1) == text_ids[1:])
+    assert res.ppl == pytest.approx(res.nll.double().mean().exp().item())
+    assert res.kv_tokens_peak == 299
+
+
+def test_budget_at_least_the_text_gives_baseline_nll(model, text_ids):
+    base = evaluate(model, text_ids, engine="streaming")
+    same = evaluate(model, text_ids, Compression(fix_kv_size=300, skip_layers=[]), engine="streaming")
+    assert torch.equal(base.nll, same.nll)
+
+
+def test_compression_changes_nll_and_holds_the_budget(model, text_ids):
+    c = Compression(fix_kv_size=32, keep_ratio=0.5, skip_layers=[0])
+    res = evaluate(model, text_ids[:120], c, engine="streaming")
+    base = evaluate(model, text_ids[:120], engine="streaming")
+    n_layers = model.config.num_hidden_layers
+    assert not torch.allclose(res.nll, base.nll)
+    assert res.kv_tokens_peak == pytest.approx((119 + 32 * (n_layers - 1)) / n_layers)
+    assert res.kv_bytes_peak < base.kv_bytes_peak
+
+
+def test_sort_by_time_cannot_matter_when_keys_are_cached_after_rotary(model, text_ids):
+    """Attention is a weighted sum over keys that already carry their positions, so the order
+    of the kept tokens in the cache changes nothing but float summation order."""
+    a = evaluate(model, text_ids[:150], Compression(fix_kv_size=32, sort_by_time=True), engine="streaming")
+    b = evaluate(model, text_ids[:150], Compression(fix_kv_size=32, sort_by_time=False), engine="streaming")
+    assert (a.nll - b.nll).abs().max() < 1e-4
+
+
+def test_bad_engine_and_short_text(model, text_ids):
+    with pytest.raises(ConfigError, match="unknown engine 'fast'; choose one of"):
+        evaluate(model, text_ids, engine="fast")
+    with pytest.raises(ConfigError, match="at least 2 tokens"):
+        evaluate(model, text_ids[:1])
+    with pytest.raises(ConfigError, match="skip_layers \\[7\\] do not exist"):
+        evaluate(model, text_ids, Compression(skip_layers=[7]))

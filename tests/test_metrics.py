@@ -1,0 +1,34 @@
+import math
+
+import pytest
+import torch
+
+from knormpress import EvalResult, pooled, summarize
+
+
+def result(nll, correct):
+    return EvalResult(torch.tensor(nll), torch.tensor(correct), 1, 1, 1, 1, "streaming")
+
+
+def test_pooled_is_exp_of_mean_nll_over_all_tokens():
+    a, b = result([1.0, 2.0], [True, False]), result([3.0], [True])
+    ppl, acc = pooled([a, b])
+    assert ppl == pytest.approx(math.exp(2.0)) and acc == pytest.approx(2 / 3)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_paired_delta():
+    g = torch.Generator().manual_seed(0)
+    base = [result((torch.rand(100, generator=g) * 4).tolist(), (torch.rand(100, generator=g) < 0.3).tolist())
+            for _ in range(8)]
+    worse = [result((r.nll + 0.1).tolist(), r.correct.tolist()) for r in base]
+    s = summarize(worse, base)
+    assert s["ppl_lo"] <= s["ppl"] <= s["ppl_hi"] and s["n_texts"] == 8 and s["n_tokens"] == 800
+    assert s["delta_ppl_pct"] == pytest.approx(100 * (math.exp(0.1) - 1))
+    # every text got exactly 0.1 nats worse, so the paired interval is tight around the delta
+    assert s["delta_ppl_pct_hi"] - s["delta_ppl_pct_lo"] < 1e-6
+    assert s["delta_accuracy_pct"] == 0
+
+
+def test_baseline_must_cover_the_same_texts():
+    with pytest.raises(ValueError, match="same texts"):
+        summarize([result([1.0], [True])], [result([1.0, 2.0], [True, True])])

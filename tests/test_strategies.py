@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from knormpress import STRATEGIES, ConfigError, Strategy, get_strategy, register
+
+
+@pytest.fixture
+def keys():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 50, 16, generator=g), torch.arange(50).expand(2, 3, 50)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_scores_each_cached_token(name, keys):
+    k, pos = keys
+    s = get_strategy(name, seed=3).score(k, pos, layer=1)
+    assert s.shape == pos.shape and s.dtype == torch.float32 and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("name", [n for n, cls in STRATEGIES.items() if cls.static])
+def test_static_scores_depend_only_on_the_token(name, keys):
+    """What the masked engine relies on: a token's score does not change as the cache changes."""
+    k, pos = keys
+    strat = get_strategy(name, seed=3)
+    full = strat.score(k, pos, layer=2)
+    part = strat.score(k[:, :, 10:30], pos[:, :, 10:30], layer=2)
+    assert torch.equal(full[:, :, 10:30], part)
+
+
+def test_keep_low_and_keep_high_are_opposite_norms(keys):
+    k, pos = keys
+    norms = k.norm(dim=-1)
+    assert torch.allclose(get_strategy("keep_low").score(k, pos, 0), -norms)
+    assert torch.allclose(get_strategy("keep_high").score(k, pos, 0), norms)
+
+
+def test_random_priorities_are_uniform_and_vary_by_layer_head_seed(keys):
+    k, pos = keys
+    big = torch.arange(20000).expand(1, 3, -1)
+    r = get_strategy("random", seed=0).score(torch.zeros(1, 3, 20000, 1), big, 0)
+    assert 0 <= r.min() and r.max() < 1 and abs(r.mean().item() - 0.5) < 0.01
+    assert not torch.equal(r[0, 0], r[0, 1])
+    a = get_strategy("random", seed=0).score(k, pos, 0)
+    assert not torch.equal(a, get_strategy("random", seed=0).score(k, pos, 1))
+    assert not torch.equal(a, get_strategy("random", seed=1).score(k, pos, 0))
+
+
+def test_unknown_strategy_lists_choices():
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'; choose one of keep_high, keep_low"):
+        get_strategy("nope")
+
+
+def test_a_new_strategy_is_one_small_class(keys):
+    @register
+    class Oldest(Strategy):
+        name = "test_oldest"
+
+        def score(self, keys, positions, layer):
+            return -positions.float()
+
+    try:
+        k, pos = keys
+        assert torch.equal(get_strategy("test_oldest").score(k, pos, 0), -pos.float())
+    finally:
+        del STRATEGIES["test_oldest"]
