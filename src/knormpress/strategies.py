@@ -40,6 +40,21 @@ class Strategy:
         raise NotImplementedError
 
 
+NORM_BITS = 10
+
+
+def key_norm(keys: torch.Tensor) -> torch.Tensor:
+    """L2 norm in float32, rounded to NORM_BITS significant bits.
+
+    Rotary embedding preserves norms, so the same token at two positions has the same key norm
+    in exact arithmetic (always so at layer 0). Float rounding would then pick the survivor at
+    random and differently in each engine; rounding makes such keys tie, and ties go to the
+    earlier position. 10 bits (0.1%) is far finer than the spread of norms between tokens.
+    """
+    mantissa, exponent = torch.frexp(keys.float().norm(dim=-1))
+    return torch.ldexp(torch.round(mantissa * 2**NORM_BITS) / 2**NORM_BITS, exponent)
+
+
 @register
 class KeepLow(Strategy):
     """KnormPress: keys with a low L2 norm tend to draw high attention, so keep those."""
@@ -47,7 +62,7 @@ class KeepLow(Strategy):
     name = "keep_low"
 
     def score(self, keys, positions, layer):
-        return -keys.float().norm(dim=-1)
+        return -key_norm(keys)
 
 
 @register
@@ -57,7 +72,7 @@ class KeepHigh(Strategy):
     name = "keep_high"
 
     def score(self, keys, positions, layer):
-        return keys.float().norm(dim=-1)
+        return key_norm(keys)
 
 
 @register

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from knormpress.compression import CacheCompressor, Compression
-from knormpress.metrics import EvalResult
 
 
 @torch.no_grad()
 def evaluate_streaming(
     model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None, progress: bool = False
-) -> EvalResult:
-    """input_ids: (1, T). Positions are passed explicitly, so pruned caches never shift them.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids: (1, T). Returns (logits (T-1, vocab), held tokens (T-1,), held bytes (T-1,)).
+
+    Positions are passed explicitly, so pruned caches never shift them.
 
     The first min(T, fix_kv_size) tokens go through in one call: nothing is evicted before the
     cache exceeds the budget, so this is the same computation, only faster.
@@ -33,19 +33,8 @@ def evaluate_streaming(
         if compress is not None:
             compress(cache)
         held.extend(_held(cache, start, stop))
-    logits = torch.cat(logits)
-    targets = input_ids[0, 1:]
-    tokens = torch.tensor([h[0] for h in held], dtype=torch.float64)
-    nbytes = torch.tensor([h[1] for h in held], dtype=torch.float64)
-    return EvalResult(
-        nll=F.cross_entropy(logits, targets, reduction="none"),
-        correct=logits.argmax(-1) == targets,
-        kv_tokens_peak=tokens.max().item(),
-        kv_tokens_mean=tokens.mean().item(),
-        kv_bytes_peak=nbytes.max().item(),
-        kv_bytes_mean=nbytes.mean().item(),
-        engine="streaming",
-    )
+    held = torch.tensor(held, dtype=torch.float64)
+    return torch.cat(logits), held[:, 0], held[:, 1]
 
 
 def _held(cache: DynamicCache, start: int, stop: int) -> list[tuple[float, float]]:

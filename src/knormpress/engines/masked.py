@@ -1,0 +1,115 @@
+"""The exact one-pass engine: the streaming numbers from a single forward pass.
+
+With a static score, each key has an expiry (`knormpress.eviction.expiry`): the first query
+that no longer sees it under the streaming rule. A key's score at layer l depends only on
+layer l's own keys, so the attention function below can compute the expiries from the keys
+it is handed and mask each query block accordingly. It is registered in transformers'
+attention interface, so any architecture that dispatches through it works (Llama with GQA,
+GPT-NeoX with partial rotary, ...). Assumes one unpadded sequence, as `evaluate` passes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+from knormpress.compression import Compression
+from knormpress.eviction import expiry, held_tokens
+
+ATTN = "knorm_masked"
+BLOCK = 512  # queries per masked block: bounds mask memory at heads x BLOCK x (budget + BLOCK)
+
+
+@dataclass
+class _Plan:
+    compression: Compression | None
+    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
+
+
+_PLAN: ContextVar[_Plan | None] = ContextVar("knorm_plan", default=None)
+
+
+def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of query (B, Hq, T, D) over key/value (B, Hkv, T, D) under the eviction rule."""
+    plan = _PLAN.get()
+    if plan is None:
+        raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.evaluate(engine='masked')")
+    T, layer = query.shape[2], module.layer_idx
+    c = plan.compression
+    per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+    if c is None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
+        plan.held[layer] = (torch.arange(1, T, dtype=torch.float64), per_token)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None
+    positions = torch.arange(T, device=key.device).expand(key.shape[:3])
+    exp = expiry(c.scorer.score(key, positions, layer), c.budget)
+    plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
+    return _blockwise(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
+
+
+def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
+    """Causal attention while nothing is evicted, then per block of queries only over the keys
+    still alive at the block's start, each query head packed with its KV group."""
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    g = Hq // Hkv
+    out = torch.empty_like(query)
+    head = budget + 1  # queries 0..budget see every earlier key
+    out[:, :, :head] = F.scaled_dot_product_attention(
+        query[:, :, :head], key[:, :, :head], value[:, :, :head], is_causal=True, scale=scaling, enable_gqa=True
+    )
+    grouped = query.view(B, Hkv, g, T, D)
+    keys_at = torch.arange(T, device=key.device)
+    for q0 in range(head, T, BLOCK):
+        q1 = min(q0 + BLOCK, T)
+        alive = (exp > q0) & (keys_at < q1)
+        n = int(alive.sum(-1).max())
+        idx = torch.argsort((~alive).to(torch.int8), dim=-1, stable=True)[..., :n]  # alive keys first, in order
+        k = key.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
+        v = value.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1]))
+        q = torch.arange(q0, q1, device=key.device).view(-1, 1)
+        mask = (idx.unsqueeze(-2) <= q) & (q < exp.gather(-1, idx).unsqueeze(-2))  # (B, Hkv, blk, n)
+        mask = mask.unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(B, Hkv, g * (q1 - q0), n)
+        packed = grouped[:, :, :, q0:q1].reshape(B, Hkv, g * (q1 - q0), D)
+        o = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=scaling)
+        out[:, :, q0:q1] = o.view(B, Hkv, g, q1 - q0, D).reshape(B, Hq, q1 - q0, D)
+    return out
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """Masks are built per block inside `masked_attention`; skip transformers' T x T mask."""
+    return None
+
+
+AttentionInterface.register(ATTN, masked_attention)
+AttentionMaskInterface.register(ATTN, _no_mask)
+
+
+@contextmanager
+def _masked_attention(model: PreTrainedModel, plan: _Plan):
+    previous = model.config._attn_implementation
+    token = _PLAN.set(plan)
+    model.set_attn_implementation(ATTN)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        _PLAN.reset(token)
+
+
+@torch.no_grad()
+def evaluate_masked(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
+    """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,))."""
+    plan = _Plan(compression)
+    with _masked_attention(model, plan):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
+    tokens = torch.stack([t for t, _ in plan.held.values()])
+    nbytes = sum(t * b for t, b in plan.held.values())
+    return logits, tokens.mean(0), nbytes

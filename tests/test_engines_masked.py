@@ -1,0 +1,79 @@
+"""The masked engine must reproduce the streaming engine, logit for logit."""
+
+import itertools
+
+import pytest
+import torch
+
+from knormpress import STRATEGIES, Compression, ConfigError, evaluate
+from knormpress.engines import pick_engine
+from knormpress.engines.masked import BLOCK, evaluate_masked, masked_attention
+from knormpress.engines.streaming import evaluate_streaming
+
+from conftest import tiny_model
+
+STATIC = sorted(n for n, cls in STRATEGIES.items() if cls.static)
+GRID = [(s, kr, skip, sink) for s, kr, skip, sink in itertools.product(STATIC, [0.0, 0.3, 0.5, 1.0], [(), (0, 1)], [0, 4])
+        if not (s == "sinks" and sink == 0)]
+FAST = GRID[::18]  # a spread over every axis of the grid; the whole grid runs as `slow`
+
+
+def logits_both(model, ids, compression):
+    with torch.no_grad():
+        streamed, tokens_s, bytes_s = evaluate_streaming(model, ids[None], compression)
+        masked, tokens_m, bytes_m = evaluate_masked(model, ids[None], compression)
+    assert torch.equal(tokens_s, tokens_m) and torch.equal(bytes_s, bytes_m)
+    return streamed, masked[:-1]
+
+
+def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=64):
+    c = Compression(strategy, fix_kv_size, keep_ratio, list(skip), n_sink=n_sink, seed=5)
+    a, b = logits_both(model, ids, c)
+    assert (a - b).abs().max() <= 1e-4
+    target = ids[1:]
+    assert torch.equal(a.argmax(-1) == target, b.argmax(-1) == target)
+
+
+@pytest.mark.parametrize("strategy,keep_ratio,skip,n_sink", FAST)
+def test_masked_equals_streaming(model, text_ids, strategy, keep_ratio, skip, n_sink):
+    check(model, text_ids, strategy, keep_ratio, skip, n_sink)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,keep_ratio,skip,n_sink", GRID)
+def test_masked_equals_streaming_whole_grid(model, text_ids, strategy, keep_ratio, skip, n_sink):
+    check(model, text_ids, strategy, keep_ratio, skip, n_sink)
+
+
+def test_several_query_blocks(text_ids):
+    """A text longer than budget + 2 blocks exercises block boundaries."""
+    ids = torch.randint(0, 256, (64 + 2 * BLOCK + 37,), generator=torch.Generator().manual_seed(2))
+    check(tiny_model("llama", layers=2), ids, "keep_low", 0.5, (), 0, fix_kv_size=64)
+
+
+def test_auto_picks_masked_for_static_and_streaming_otherwise():
+    assert pick_engine("auto", None) == "masked"
+    assert pick_engine("auto", Compression("keep_low")) == "masked"
+    assert pick_engine("auto", Compression("random_per_step")) == "streaming"
+
+
+def test_masked_refuses_a_strategy_that_rescores(model, text_ids):
+    with pytest.raises(ConfigError, match="re-scores tokens at every step.*engine='streaming'"):
+        evaluate(model, text_ids, Compression("random_per_step"), engine="masked")
+
+
+def test_per_step_random_differs_from_static_random(model, text_ids):
+    a = evaluate(model, text_ids, Compression("random", 32, 0.25, [], seed=1), engine="streaming")
+    b = evaluate(model, text_ids, Compression("random_per_step", 32, 0.25, [], seed=1), engine="streaming")
+    assert not torch.equal(a.nll, b.nll)
+
+
+def test_attention_outside_evaluate_is_refused():
+    with pytest.raises(RuntimeError, match="only runs inside knormpress.evaluate"):
+        masked_attention(None, None, None, None, None)
+
+
+def test_model_attention_is_restored(model, text_ids):
+    before = model.config._attn_implementation
+    evaluate(model, text_ids[:80], Compression(fix_kv_size=16), engine="masked")
+    assert model.config._attn_implementation == before
