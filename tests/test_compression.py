@@ -4,6 +4,7 @@ from transformers import DynamicCache
 
 from knormpress import Compression, ConfigError, fix_size_l2_compress
 from knormpress.compression import CacheCompressor
+from knormpress.strategies import key_norm
 
 
 def filled_cache(model, ids):
@@ -16,7 +17,7 @@ def reference_keep(keys, B, n_recent):
     """Per head: the recent window plus the lowest-norm older tokens, in time order."""
     n = keys.shape[-2]
     recent = list(range(n - n_recent, n))
-    norms = keys.float().norm(dim=-1)
+    norms = key_norm(keys)
     out = []
     for h in range(keys.shape[1]):
         older = sorted(range(n - n_recent), key=lambda p: (norms[0, h, p].item(), p))[: B - n_recent]

@@ -32,3 +32,9 @@ def test_bootstrap_interval_brackets_the_estimate_and_paired_delta():
 def test_baseline_must_cover_the_same_texts():
     with pytest.raises(ValueError, match="same texts"):
         summarize([result([1.0], [True])], [result([1.0, 2.0], [True, True])])
+
+
+def test_zero_baseline_accuracy_gives_nan_relative_change_not_a_crash():
+    s = summarize([result([1.0, 2.0], [True, False])], [result([1.0, 1.0], [False, False])])
+    assert math.isnan(s["delta_accuracy_pct"]) and math.isnan(s["delta_accuracy_pct_lo"])
+    assert s["delta_ppl_pct"] == pytest.approx(100 * (math.exp(1.5) / math.e - 1))

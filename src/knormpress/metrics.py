@@ -53,6 +53,11 @@ def _per_text(results: Sequence[EvalResult]) -> np.ndarray:
     return np.array([[r.nll.double().sum().item(), r.correct.double().sum().item(), r.n_tokens] for r in results])
 
 
+def _percentile(samples: np.ndarray, q: float) -> float:
+    """NaN when some resample has no defined value (e.g. a relative change from 0)."""
+    return float(np.percentile(samples, q)) if np.isfinite(samples).all() else math.nan
+
+
 def summarize(
     results: Sequence[EvalResult],
     baseline: Sequence[EvalResult] | None = None,
@@ -77,22 +82,23 @@ def summarize(
         return np.exp(tot[:, 0] / tot[:, 2]), tot[:, 1] / tot[:, 2]
 
     b_ppl, b_acc = boot_ppl_acc(stats)
-    out |= {"ppl_lo": float(np.percentile(b_ppl, lo)), "ppl_hi": float(np.percentile(b_ppl, hi))}
-    out |= {"accuracy_lo": float(np.percentile(b_acc, lo)), "accuracy_hi": float(np.percentile(b_acc, hi))}
+    out |= {"ppl_lo": _percentile(b_ppl, lo), "ppl_hi": _percentile(b_ppl, hi)}
+    out |= {"accuracy_lo": _percentile(b_acc, lo), "accuracy_hi": _percentile(b_acc, hi)}
     if baseline is not None:
         if [r.n_tokens for r in baseline] != [r.n_tokens for r in results]:
             raise ValueError("baseline and results must cover the same texts in the same order")
         base_ppl, base_acc = pooled(baseline)
         r_ppl, r_acc = boot_ppl_acc(_per_text(baseline))
-        d_ppl, d_acc = 100 * (b_ppl / r_ppl - 1), 100 * (b_acc / r_acc - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a baseline accuracy of 0 has no relative change
+            d_ppl, d_acc = 100 * (b_ppl / r_ppl - 1), 100 * (b_acc / r_acc - 1)
         out |= {
             "baseline_ppl": base_ppl,
             "baseline_accuracy": base_acc,
             "delta_ppl_pct": 100 * (ppl / base_ppl - 1),
-            "delta_ppl_pct_lo": float(np.percentile(d_ppl, lo)),
-            "delta_ppl_pct_hi": float(np.percentile(d_ppl, hi)),
-            "delta_accuracy_pct": 100 * (acc / base_acc - 1),
-            "delta_accuracy_pct_lo": float(np.percentile(d_acc, lo)),
-            "delta_accuracy_pct_hi": float(np.percentile(d_acc, hi)),
+            "delta_ppl_pct_lo": _percentile(d_ppl, lo),
+            "delta_ppl_pct_hi": _percentile(d_ppl, hi),
+            "delta_accuracy_pct": 100 * (acc / base_acc - 1) if base_acc else math.nan,
+            "delta_accuracy_pct_lo": _percentile(d_acc, lo),
+            "delta_accuracy_pct_hi": _percentile(d_acc, hi),
         }
     return out

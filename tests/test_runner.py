@@ -1,0 +1,260 @@
+"""The runner end to end on a tiny random model: resume, failures, the shared baseline, the CLI, launchers."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from mlflow import MlflowClient
+
+from knormpress.config import CONF_DIR
+from knormpress.runner import Job, cli, run_job
+from knormpress.sources.models import load_model
+from knormpress.tracking import Tracker, resolve_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = {"ppl", "accuracy", "ppl_lo", "ppl_hi", "accuracy_lo", "accuracy_hi", "n_texts", "n_tokens", "kv_tokens_peak",
+           "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "memory_saving_pct", "tokens_per_s", "wall_s"}
+DELTAS = {"baseline_ppl", "baseline_accuracy", "delta_ppl_pct", "delta_ppl_pct_lo", "delta_ppl_pct_hi",
+          "delta_accuracy_pct", "delta_accuracy_pct_lo", "delta_accuracy_pct_hi"}
+QUIET = ["progress=false", "hydra/job_logging=none", "hydra/hydra_logging=none"]  # in-process: leave pytest's logging alone
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> Path:
+    """Two texts the tiny random model partly predicts, so accuracy > 0: a few Jacobi steps of
+    "replace each token by the model's (ASCII) prediction" make a growing prefix its own greedy output."""
+    folder = tmp_path_factory.mktemp("texts")
+    bundle = load_model("random", random_config=dict(compose_config(["model=tiny_random"]).model.random_config), seed=0)
+    for i, start in enumerate("AK"):
+        ids = torch.tensor(bundle.tokenizer.encode(start * 150))
+        with torch.no_grad():
+            for _ in range(12):
+                ids = torch.cat([ids[:1], 35 + bundle.model(ids[None]).logits[0, :-1, 35:130].argmax(-1)])
+        (folder / f"text{i}.txt").write_text(bundle.tokenizer.decode(ids))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def empty_db(request) -> Path:
+    """A migrated, empty MLflow sqlite file kept in pytest's cache: migrating takes seconds, copying it does not."""
+    path = request.config.cache.mkdir("knormpress") / f"mlflow-{mlflow.__version__}.db"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        MlflowClient(f"sqlite:///{tmp}").search_experiments()
+        os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture
+def args(tmp_path, texts, empty_db) -> list[str]:
+    """Overrides for a fast tiny job logging into a fresh store in tmp_path."""
+    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    return ["model=tiny_random", "dataset=local_text", f"dataset.path={texts}", "eval.max_tokens=120", "eval.n_samples=2",
+            "compress.fix_kv_size=32", "eval.n_boot=200", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"cache={tmp_path}/cache"]
+
+
+def job(args: list[str], tmp_path: Path, *more: str):
+    return run_job(compose_config([*args, "progress=false", *more]), Job(cwd=tmp_path, out_dir=tmp_path / "out"))
+
+
+def runs(tmp_path: Path, **tags: str) -> list:
+    if not (tmp_path / "mlflow.db").exists():
+        return []
+    client = MlflowClient(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path))
+    query = " and ".join(f"tags.`knormpress.{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], query)
+
+
+def status(tmp_path: Path, **tags: str) -> list[str]:
+    return sorted(r.info.status for r in runs(tmp_path, **tags))
+
+
+def test_failed_run_ends_failed_and_a_rerun_completes_it(args, tmp_path, monkeypatch):
+    from knormpress import runner
+
+    real = runner.evaluate
+
+    def broken(model, ids, compression=None, *a, **k):
+        if compression is not None:
+            raise RuntimeError("boom")
+        return real(model, ids, compression, *a, **k)
+
+    monkeypatch.setattr(runner, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        job(args, tmp_path)
+    assert status(tmp_path, role="baseline") == ["FINISHED"]
+    assert status(tmp_path, role="compressed") == ["FAILED"]
+
+    monkeypatch.setattr(runner, "evaluate", real)
+    metrics = job(args, tmp_path)
+    assert METRICS | DELTAS <= set(metrics) and metrics["accuracy"] > 0
+    assert status(tmp_path, role="compressed") == ["FAILED", "FINISHED"]
+    assert status(tmp_path, role="baseline") == ["FINISHED"]  # reused, not measured again
+    assert job(args, tmp_path) is None  # done: skipped
+    assert len(runs(tmp_path)) == 3
+
+
+def test_interrupt_and_sigterm_end_the_run_failed(args, tmp_path, monkeypatch):
+    from knormpress import runner
+
+    for error in (KeyboardInterrupt, SystemExit(143)):
+        monkeypatch.setattr(runner, "evaluate", lambda *a, **k: (_ for _ in ()).throw(error))
+        with pytest.raises(BaseException):
+            job(args, tmp_path, "compress=none")
+    assert status(tmp_path) == ["FAILED", "FAILED"]
+
+
+def test_run_left_running_by_a_dead_process_is_marked_failed(args, tmp_path):
+    job(args, tmp_path)
+    (done,) = runs(tmp_path, role="compressed")
+    tracker = Tracker(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path), "knormpress")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tracker.start("stale", {"knormpress.config_hash": done.data.tags["knormpress.config_hash"]})
+    tracker.client.set_tag(stale, "knormpress.pid", str(dead.pid))
+    assert job(args, tmp_path) is None
+    assert tracker.client.get_run(stale).info.status == "FAILED"
+
+
+def test_compress_none_is_the_baseline_and_force_reruns(args, tmp_path):
+    base = job(args, tmp_path, "compress=none")
+    assert METRICS <= set(base) and not DELTAS & set(base) and base["memory_saving_pct"] == 0
+    assert job(args, tmp_path, "compress=none") is None
+    compressed = job(args, tmp_path, "compress=random", "compress.keep_ratio=0.25")
+    assert compressed["baseline_ppl"] == pytest.approx(base["ppl"])
+    assert 0 < compressed["memory_saving_pct"] < 100
+    job(args, tmp_path, "compress=none", "force=true")
+    assert status(tmp_path, role="baseline") == ["FINISHED", "FINISHED"]
+    (run,) = runs(tmp_path, role="compressed")
+    params, tags = run.data.params, run.data.tags
+    assert (params["compress.strategy"], params["compress.keep_ratio"], params["model.source"]) == ("random", "0.25", "random")
+    assert tags["knormpress.strategy"] == "random" and tags["knormpress.engine"] == "masked"
+    assert tags["git.dirty"] in ("true", "false") and "knormpress.sweep" not in tags
+
+
+def test_without_tracking_nothing_is_logged(args, tmp_path):
+    (tmp_path / "mlflow.db").unlink()
+    metrics = job(args, tmp_path, "tracking=disabled")
+    assert DELTAS <= set(metrics) and not (tmp_path / "mlflow.db").exists()
+    assert (tmp_path / "out" / "per_token.parquet").exists() and (tmp_path / "out" / "baseline" / "per_text.csv").exists()
+
+
+def cli_exit(argv: list[str], monkeypatch) -> int:
+    """run.py in this process (Hydra's basic launcher runs jobs here too)."""
+    monkeypatch.setattr(sys, "argv", ["run.py", *argv, *QUIET])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    handler = signal.getsignal(signal.SIGTERM)
+    GlobalHydra.instance().clear()
+    try:
+        cli()
+        return 0
+    except SystemExit as exit:
+        return exit.code
+    finally:
+        GlobalHydra.instance().clear()
+        assert signal.getsignal(signal.SIGTERM) is handler
+
+
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        ("compress.strategy=keep_lo", "error: unknown compress.strategy 'keep_lo'; choose one of none, keep_high, keep_low"),
+        ("compress.keep_ratio=1.5", "error: keep_ratio must lie in [0, 1], got 1.5"),
+        ("model=nonexistent", "error: unknown model 'nonexistent'; choose one of pythia_70m, smollm2_135m, tiny_random"),
+    ],
+)
+def test_bad_config_exits_nonzero_with_one_line(bad, reason, args, tmp_path, monkeypatch, capsys):
+    assert cli_exit([*args, bad, f"hydra.run.dir={tmp_path}/run"], monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(reason) and "\n" not in err
+    assert "RUNNING" not in status(tmp_path) and not runs(tmp_path)
+
+
+def test_failed_job_does_not_stop_the_multirun(args, tmp_path, monkeypatch, capsys):
+    sweep = ["compress.keep_ratio=1.5,0.5", f"hydra.sweep.dir={tmp_path}/sweep"]
+    assert cli_exit(["-m", *args, *sweep], monkeypatch) == 2
+    assert "keep_ratio must lie in [0, 1], got 1.5" in capsys.readouterr().err
+    assert status(tmp_path, role="compressed") == ["FINISHED"]
+    assert status(tmp_path) == ["FAILED", "FINISHED", "FINISHED"]  # the parent, the baseline, keep_ratio 0.5
+
+
+def test_force_reruns_everything_but_shares_one_new_baseline_per_sweep(args, tmp_path, monkeypatch):
+    job(args, tmp_path)
+    assert cli_exit(["-m", *args, "compress.keep_ratio=0.3,0.5", "force=true", f"hydra.sweep.dir={tmp_path}/sweep"], monkeypatch) == 0
+    assert status(tmp_path, role="compressed") == ["FINISHED"] * 3
+    assert status(tmp_path, role="baseline") == ["FINISHED"] * 2
+
+
+@pytest.mark.slow
+def test_two_job_multirun_end_to_end(args, tmp_path):
+    """The real CLI in a subprocess: two FINISHED runs plus the baseline under one parent; a rerun skips both."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", *args, "compress.keep_ratio=0.3,0.5", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (parent,) = [r for r in runs(tmp_path) if "knormpress.role" not in r.data.tags]
+    children = runs(tmp_path, role="compressed") + runs(tmp_path, role="baseline")
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    for run in children:
+        assert run.info.status == "FINISHED" and METRICS <= set(run.data.metrics)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["knormpress.sweep"] == str(sweep) == parent.data.tags["knormpress.sweep"]
+        files = {a.path for a in MlflowClient(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)).list_artifacts(run.info.run_id)}
+        assert files == {"config.yaml", "per_token.parquet", "per_text.csv"}
+    compressed = runs(tmp_path, role="compressed")
+    assert sorted(r.data.params["compress.keep_ratio"] for r in compressed) == ["0.3", "0.5"]
+    assert all(DELTAS <= set(r.data.metrics) for r in compressed)
+    table = pd.read_parquet(sweep / "0" / "per_token.parquet")
+    assert list(table.columns) == ["text_id", "title", "position", "nll", "correct"] and len(table) == 2 * 119
+    assert list(pd.read_csv(sweep / "0" / "per_text.csv").columns) == ["text_id", "title", "n_tokens", "ppl", "accuracy"]
+
+    again = subprocess.run([*cmd[:-1], f"hydra.sweep.dir={tmp_path}/again"], cwd=tmp_path, env=os.environ | {"CI": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("skip keep_low") == 2, again.stdout[-3000:]
+    assert len(runs(tmp_path, role="compressed")) == 2
+
+
+@pytest.mark.slow
+def test_two_parallel_joblib_jobs_both_finish(args, tmp_path):
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *args,
+           "compress=keep_low,random", f"hydra.sweep.dir={tmp_path}/sweep"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert status(tmp_path, role="compressed") == ["FINISHED", "FINISHED"]
+    assert status(tmp_path, role="baseline") == ["FINISHED"]  # the lock let one job measure it, the other reuse it
+    assert len({r.data.tags.get("mlflow.parentRunId") for r in runs(tmp_path)} - {None}) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_open_run_failed(args, tmp_path):
+    """A real SIGTERM (kill, scancel) to a job stuck in evaluate: the run ends FAILED, the process exits 143."""
+    stuck = "import sys, time, knormpress.runner as r; r.evaluate = lambda *a, **k: time.sleep(600); sys.argv = sys.argv[:1] + sys.argv[2:]; r.cli()"
+    cmd = [sys.executable, "-c", stuck, "--", *args, f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while status(tmp_path) != ["RUNNING"]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert status(tmp_path) == ["FAILED"]

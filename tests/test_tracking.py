@@ -1,0 +1,125 @@
+"""MLflow bookkeeping without any model: store location, run lifecycle, stale runs, retries."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from knormpress.tracking import Tracker, git_tags, resolve_uri, retry
+
+
+@pytest.fixture(scope="session")
+def empty_db(request) -> Path:
+    """A migrated, empty MLflow sqlite file kept in pytest's cache: migrating takes seconds, copying it does not."""
+    path = request.config.cache.mkdir("knormpress") / f"mlflow-{mlflow.__version__}.db"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        MlflowClient(f"sqlite:///{tmp}").search_experiments()
+        os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture
+def tracker(tmp_path, empty_db):
+    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    return Tracker(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path), "tests")
+
+
+def test_default_store_is_sqlite_in_the_launch_dir_with_a_busy_timeout(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None, tmp_path) == f"sqlite:///{tmp_path}/mlflow.db?timeout=60"
+    assert resolve_uri("sqlite:///sub/x.db", tmp_path) == f"sqlite:///{tmp_path}/sub/x.db?timeout=60"
+    assert resolve_uri("sqlite:////abs/x.db?timeout=5", tmp_path) == "sqlite:////abs/x.db?timeout=5"
+    assert resolve_uri("mlruns", tmp_path) == str(tmp_path / "mlruns")
+    assert resolve_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_config_beats_env_beats_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert resolve_uri(None, tmp_path) == "http://tracking:5000"
+    assert resolve_uri("sqlite:////a.db", tmp_path) == "sqlite:////a.db?timeout=60"
+
+
+def test_experiment_and_artifacts_live_next_to_the_database(tracker, tmp_path):
+    again = Tracker(tracker.uri, "tests")
+    assert again.experiment_id == tracker.experiment_id
+    with tracker.run("r", {"knormpress.role": "compressed"}) as run_id:
+        (tmp_path / "a.txt").write_text("x")
+        tracker.log(run_id, {"compress.keep_ratio": 0.5}, {"ppl": 2.0, "nan": float("nan")}, {"t": "v"}, [tmp_path / "a.txt"])
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"compress.keep_ratio": "0.5"}
+    assert run.data.metrics == {"ppl": 2.0} and run.data.tags["t"] == "v"
+    assert run.data.tags["knormpress.host"] == socket.gethostname()
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert (tracker.download(run_id, "a.txt", tmp_path / "dl")).read_text() == "x"
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt, SystemExit])
+def test_a_run_never_stays_running(tracker, error):
+    with pytest.raises(error):
+        with tracker.run("r", {"k": "v"}):
+            raise error()
+    (run,) = tracker.search({"k": "v"}, status="FAILED")
+    assert run.info.end_time is not None
+
+
+def test_search_scopes_and_newest_first(tracker):
+    other = Tracker(tracker.uri, "other")
+    for t in (tracker, other, other):
+        with t.run("r", {"key": "k"}):
+            pass
+    assert len(tracker.search({"key": "k"})) == 1
+    found = tracker.search({"key": "k"}, everywhere=True)
+    assert len(found) == 3 and found[0].info.start_time >= found[-1].info.start_time
+
+
+def test_reap_fails_runs_of_dead_processes_only(tracker):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tracker.start("stale", {"key": "k"})
+    tracker.client.set_tag(stale, "knormpress.pid", str(dead.pid))
+    alive = tracker.start("alive", {"key": "k"})
+    tracker.reap({"key": "k"})
+    assert tracker.client.get_run(stale).info.status == "FAILED"
+    assert tracker.client.get_run(alive).info.status == "RUNNING"
+
+
+def test_retry_waits_out_a_locked_database(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert retry(flaky) == "ok" and len(calls) == 3
+    with pytest.raises(ValueError):
+        retry(lambda: (_ for _ in ()).throw(ValueError("not a lock problem")))
+
+
+def test_deleted_experiment_is_a_config_error(tracker):
+    tracker.client.delete_experiment(tracker.experiment_id)
+    with pytest.raises(ValueError, match="experiment 'tests' is deleted"):
+        Tracker(tracker.uri, "tests")
+
+
+def test_git_tags():
+    tags = git_tags()
+    assert set(tags) == {"git.commit", "git.dirty"} and tags["git.dirty"] in ("true", "false")
+    assert git_tags(Path("/")) == {"git.commit": "unknown", "git.dirty": "true"}
+
+
+def test_plain_client_reads_what_we_wrote(tracker):
+    with tracker.run("r", {"knormpress.role": "baseline"}):
+        pass
+    client = MlflowClient(tracker.uri)
+    (run,) = client.search_runs([tracker.experiment_id], "tags.`knormpress.role` = 'baseline'")
+    assert run.info.status == "FINISHED"
