@@ -1,7 +1,12 @@
 """Tiny random models built from a config right here, so unit tests stay fast and offline."""
 
+import os
+from pathlib import Path
+
+import mlflow
 import pytest
 import torch
+from mlflow import MlflowClient
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 256
@@ -45,3 +50,14 @@ def gutenberg_ids(smollm2):
 
     return load_samples({"source": "gutenberg"}, smollm2.tokenizer, smollm2.name, n_samples=1, max_tokens=1000,
                         start_offset=0, seed=0)[0].input_ids
+
+
+@pytest.fixture(scope="session")
+def empty_db(request) -> Path:
+    """A migrated, empty MLflow sqlite file kept in pytest's cache: migrating takes seconds, copying it does not."""
+    path = request.config.cache.mkdir("knormpress") / f"mlflow-{mlflow.__version__}.db"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        MlflowClient(f"sqlite:///{tmp}").search_experiments()
+        os.replace(tmp, path)
+    return path

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import torch
@@ -47,17 +46,6 @@ def texts(tmp_path_factory) -> Path:
                 ids = torch.cat([ids[:1], 35 + bundle.model(ids[None]).logits[0, :-1, 35:130].argmax(-1)])
         (folder / f"text{i}.txt").write_text(bundle.tokenizer.decode(ids))
     return folder
-
-
-@pytest.fixture(scope="session")
-def empty_db(request) -> Path:
-    """A migrated, empty MLflow sqlite file kept in pytest's cache: migrating takes seconds, copying it does not."""
-    path = request.config.cache.mkdir("knormpress") / f"mlflow-{mlflow.__version__}.db"
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        MlflowClient(f"sqlite:///{tmp}").search_experiments()
-        os.replace(tmp, path)
-    return path
 
 
 @pytest.fixture

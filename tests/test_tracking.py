@@ -1,28 +1,15 @@
 """MLflow bookkeeping without any model: store location, run lifecycle, stale runs, retries."""
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from knormpress.tracking import Tracker, git_tags, resolve_uri, retry
-
-
-@pytest.fixture(scope="session")
-def empty_db(request) -> Path:
-    """A migrated, empty MLflow sqlite file kept in pytest's cache: migrating takes seconds, copying it does not."""
-    path = request.config.cache.mkdir("knormpress") / f"mlflow-{mlflow.__version__}.db"
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        MlflowClient(f"sqlite:///{tmp}").search_experiments()
-        os.replace(tmp, path)
-    return path
 
 
 @pytest.fixture
