@@ -104,6 +104,7 @@ def test_callback_and_logging_are_wired():
         ("eval.device=tpu", "unknown eval.device 'tpu'; choose one of cpu, cuda, auto"),
         ("model.source=s3", "unknown model.source 's3'; choose one of hub, pypi_gguf, random"),
         ("dataset=local_text", "dataset local_text needs dataset.path"),
+        ("compress.fix_kv_size=2999", "compress.fix_kv_size=2999 is not smaller than the 2999 tokens"),
     ],
 )
 def test_mistakes_are_one_clear_line(override, message):
@@ -138,7 +139,7 @@ def test_baseline_key_ignores_compression_engine_and_bootstrap():
     _, base = check([])
     for overrides in (["compress=none"], ["compress=random", "compress.keep_ratio=0.3"], ["eval.engine=streaming"], ["eval.n_boot=10"]):
         assert baseline_key(check(overrides)[1]) == baseline_key(base)
-    for overrides in (["model=pythia_70m"], ["eval.max_tokens=100"], ["dataset=pg19"], ["eval.seed=1"], ["eval.dtype=bfloat16"]):
+    for overrides in (["model=pythia_70m"], ["eval.max_tokens=1000"], ["dataset=pg19"], ["eval.seed=1"], ["eval.dtype=bfloat16"]):
         assert baseline_key(check(overrides)[1]) != baseline_key(base)
 
 

@@ -122,6 +122,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         pick_engine(self.eval.engine, self.compress.build(self.eval.seed))  # e.g. masked + random_per_step
+        if self.compress.strategy != "none" and self.compress.fix_kv_size >= self.eval.max_tokens - 1:
+            raise ConfigError(
+                f"compress.fix_kv_size={self.compress.fix_kv_size} is not smaller than the "
+                f"{self.eval.max_tokens - 1} tokens a text feeds the cache (eval.max_tokens - 1), so nothing would "
+                "be evicted; lower compress.fix_kv_size or raise eval.max_tokens"
+            )
 
     @property
     def role(self) -> str:
