@@ -1,5 +1,6 @@
 """The masked engine must reproduce the streaming engine, logit for logit."""
 
+import copy
 import itertools
 
 import pytest
@@ -86,11 +87,13 @@ def test_model_attention_is_restored(model, text_ids):
 
 @pytest.mark.slow
 def test_masked_equals_streaming_on_smollm2(smollm2, gutenberg_ids, monkeypatch):
-    """1000 real tokens: the kept sets agree exactly at every checked step (the semantic claim),
-    and so do the argmax hits. Logits agree only to float32 rounding: through 30 layers a
-    one-token step and a batched pass differ by up to ~5e-4 at logits of ~25, so the logit
-    bound here is 1e-3, not the 1e-4 the tiny models meet."""
-    model, ids = smollm2.model, gutenberg_ids
+    """1000 real tokens: the kept sets agree exactly at every checked step, logits to 1e-4.
+
+    Run in float64: in float32, one-token steps and one batched pass differ by up to ~5e-4 in
+    the logits (~25) through 30 layers from rounding alone, which would hide nothing but noise.
+    (RMSNorm still rounds through float32, so float64 differences are ~1e-5, not ~1e-12.)
+    """
+    model, ids = copy.deepcopy(smollm2.model).double(), gutenberg_ids
     c = Compression("keep_low", fix_kv_size=256, keep_ratio=0.5, skip_layers=[0, 1])
     expiries = {}
 
@@ -115,4 +118,4 @@ def test_masked_equals_streaming_on_smollm2(smollm2, gutenberg_ids, monkeypatch)
     streamed = torch.cat(streamed)
     target = ids[1:]
     assert torch.equal(streamed.argmax(-1) == target, masked_logits.argmax(-1) == target)
-    assert (streamed - masked_logits).abs().max() <= 1e-3
+    assert (streamed - masked_logits).abs().max() <= 1e-4
