@@ -48,22 +48,40 @@ def pooled(results: Sequence[EvalResult]) -> tuple[float, float]:
     return math.exp(nll.mean().item()), correct.mean().item()
 
 
-def _per_text(results: Sequence[EvalResult]) -> np.ndarray:
-    """(n_texts, 3): summed NLL, correct count, token count per text."""
+N_BOOT, LEVEL = 2000, 0.95
+
+
+def per_text_sums(results: Sequence[EvalResult]) -> np.ndarray:
+    """(n_texts, 3): summed NLL, correct count, token count per text; all the bootstrap needs."""
     return np.array([[r.nll.double().sum().item(), r.correct.double().sum().item(), r.n_tokens] for r in results])
 
 
-def _percentile(samples: np.ndarray, q: float) -> float:
-    """NaN when some resample has no defined value (e.g. a relative change from 0)."""
-    return float(np.percentile(samples, q)) if np.isfinite(samples).all() else math.nan
+def resample_texts(n_texts: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """Bootstrap weights (n_boot, n_texts): how often each text is drawn in each resample. Using
+    the same weights for two runs on the same texts gives the paired interval."""
+    return np.random.default_rng(seed).multinomial(n_texts, np.full(n_texts, 1 / n_texts), n_boot)
+
+
+def resampled_ppl_acc(sums: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled PPL and accuracy of each resample, from `per_text_sums`-shaped rows."""
+    tot = weights @ sums
+    return np.exp(tot[:, 0] / tot[:, 2]), tot[:, 1] / tot[:, 2]
+
+
+def interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval; NaN when some resample has no defined value (e.g. a change from 0)."""
+    if not np.isfinite(samples).all():
+        return math.nan, math.nan
+    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 def summarize(
     results: Sequence[EvalResult],
     baseline: Sequence[EvalResult] | None = None,
-    n_boot: int = 2000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
-    level: float = 0.95,
+    level: float = LEVEL,
 ) -> dict[str, float]:
     """Pooled PPL/accuracy, bootstrap CIs over texts and, given a baseline on the same texts
     (same order), paired deltas in percent of the baseline with their CIs.
@@ -71,34 +89,26 @@ def summarize(
     Texts, not tokens, are resampled: tokens within a text are far from independent.
     With very few texts the interval is wide, as it should be.
     """
-    stats = _per_text(results)
+    sums = per_text_sums(results)
     ppl, acc = pooled(results)
-    out = {"ppl": ppl, "accuracy": acc, "n_texts": len(results), "n_tokens": int(stats[:, 2].sum())}
-    weights = np.random.default_rng(seed).multinomial(len(results), [1 / len(results)] * len(results), n_boot)
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-
-    def boot_ppl_acc(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        tot = weights @ s
-        return np.exp(tot[:, 0] / tot[:, 2]), tot[:, 1] / tot[:, 2]
-
-    b_ppl, b_acc = boot_ppl_acc(stats)
-    out |= {"ppl_lo": _percentile(b_ppl, lo), "ppl_hi": _percentile(b_ppl, hi)}
-    out |= {"accuracy_lo": _percentile(b_acc, lo), "accuracy_hi": _percentile(b_acc, hi)}
+    out = {"ppl": ppl, "accuracy": acc, "n_texts": len(results), "n_tokens": int(sums[:, 2].sum())}
+    weights = resample_texts(len(results), n_boot, seed)
+    b_ppl, b_acc = resampled_ppl_acc(sums, weights)
+    out |= dict(zip(("ppl_lo", "ppl_hi"), interval(b_ppl, level)))
+    out |= dict(zip(("accuracy_lo", "accuracy_hi"), interval(b_acc, level)))
     if baseline is not None:
         if [r.n_tokens for r in baseline] != [r.n_tokens for r in results]:
             raise ValueError("baseline and results must cover the same texts in the same order")
         base_ppl, base_acc = pooled(baseline)
-        r_ppl, r_acc = boot_ppl_acc(_per_text(baseline))
+        r_ppl, r_acc = resampled_ppl_acc(per_text_sums(baseline), weights)
         with np.errstate(divide="ignore", invalid="ignore"):  # a baseline accuracy of 0 has no relative change
             d_ppl, d_acc = 100 * (b_ppl / r_ppl - 1), 100 * (b_acc / r_acc - 1)
         out |= {
             "baseline_ppl": base_ppl,
             "baseline_accuracy": base_acc,
             "delta_ppl_pct": 100 * (ppl / base_ppl - 1),
-            "delta_ppl_pct_lo": _percentile(d_ppl, lo),
-            "delta_ppl_pct_hi": _percentile(d_ppl, hi),
             "delta_accuracy_pct": 100 * (acc / base_acc - 1) if base_acc else math.nan,
-            "delta_accuracy_pct_lo": _percentile(d_acc, lo),
-            "delta_accuracy_pct_hi": _percentile(d_acc, hi),
         }
+        out |= dict(zip(("delta_ppl_pct_lo", "delta_ppl_pct_hi"), interval(d_ppl, level)))
+        out |= dict(zip(("delta_accuracy_pct_lo", "delta_accuracy_pct_hi"), interval(d_acc, level)))
     return out

@@ -17,9 +17,8 @@ import pandas as pd
 
 from knormpress import seed_claims as seed
 from knormpress.errors import ConfigError
+from knormpress.metrics import LEVEL, N_BOOT, interval, resample_texts, resampled_ppl_acc
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-N_BOOT, BOOT_SEED, LEVEL = 2000, 0, 0.95  # the resampling of metrics.summarize (its defaults)
 IDENTICAL_RTOL = 1e-6  # per-text NLL sums this close: the two runs computed the same thing
 MEMORY_TOLERANCE_PP = 1.0  # memory saving is deterministic: a claim holds within +-1 percentage point
 
@@ -56,8 +55,10 @@ LOWER, HIGHER = (-math.inf, 0.0), (0.0, math.inf)  # claimed ranges that only st
 # ---- reading runs -------------------------------------------------------------------------------
 
 def tracking_uri(uri: str | None = None) -> str:
-    """--tracking-uri beats MLFLOW_TRACKING_URI beats the repo-root sqlite store."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The runner's rule (`tracking.resolve_uri`), relative to the current directory."""
+    from knormpress.tracking import resolve_uri  # imported late: plotting from CSVs does not need mlflow
+
+    return resolve_uri(uri, Path.cwd())
 
 
 def _client(uri: str):
@@ -239,16 +240,12 @@ def effect(texts: pd.DataFrame, a: pd.Series | None, b: pd.Series | None, metric
         return Effect(est)
     identical = bool(np.allclose(ta.nll_sum, tb.nll_sum, rtol=IDENTICAL_RTOL, atol=0)
                      and np.array_equal(ta.n_correct, tb.n_correct))
-    w = np.random.default_rng(BOOT_SEED).multinomial(len(ta), np.full(len(ta), 1 / len(ta)), N_BOOT)
-    n_tok = w @ ta.n_tokens.to_numpy(float)
-    col = "nll_sum" if metric == "ppl" else "n_correct"
-
-    def stat(t: pd.DataFrame) -> np.ndarray:
-        mean = w @ t[col].to_numpy(float) / n_tok
-        return np.exp(mean) if metric == "ppl" else mean
-
-    lo, hi = np.percentile(100 * (stat(ta) / stat(tb) - 1), [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
-    return Effect(est, float(lo), float(hi), identical)
+    weights = resample_texts(len(ta))
+    pick = 0 if metric == "ppl" else 1
+    sa, sb = (resampled_ppl_acc(t[["nll_sum", "n_correct", "n_tokens"]].to_numpy(float), weights)[pick] for t in (ta, tb))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo, hi = interval(100 * (sa / sb - 1))
+    return Effect(est, lo, hi, identical)
 
 
 def verdict(e: Effect | None, claimed: tuple[float, float]) -> str:

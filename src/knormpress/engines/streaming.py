@@ -17,7 +17,7 @@ def evaluate_streaming(
 
     Positions are passed explicitly, so pruned caches never shift them.
 
-    The first min(T, fix_kv_size) tokens go through in one call: nothing is evicted before the
+    The first min(T - 1, fix_kv_size) tokens go through in one call: nothing is evicted before the
     cache exceeds the budget, so this is the same computation, only faster.
     """
     T = input_ids.shape[1]
