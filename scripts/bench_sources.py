@@ -1,6 +1,6 @@
-"""Time the offline default model + texts from an empty cache (cold) and again from the filled cache (warm).
+"""Time a model (default: the offline smollm2_135m) + texts from an empty cache (cold) and again from the filled cache (warm).
 
-Usage: KNORMPRESS_CACHE=$(mktemp -d) python scripts/bench_sources.py
+Usage: KNORMPRESS_CACHE=$(mktemp -d) python scripts/bench_sources.py [--model smollm2_135m]
 """
 
 import argparse
@@ -8,12 +8,12 @@ import json
 import logging
 import time
 
-from knormpress.sources import cache_dir, load_model, load_samples
+from knormpress.sources import cache_dir, load_model, load_model_config, load_samples
 
 
-def prepare(cache: str | None, n_samples: int, max_tokens: int) -> float:
+def prepare(model: str, cache: str | None, n_samples: int, max_tokens: int) -> float:
     start = time.perf_counter()
-    bundle = load_model("pypi_gguf", cache=cache)
+    bundle = load_model(load_model_config(model), cache=cache)
     load_samples({"source": "gutenberg"}, bundle.tokenizer, bundle.name, n_samples=n_samples,
                  max_tokens=max_tokens, start_offset=0, seed=0, cache=cache)
     return time.perf_counter() - start
@@ -21,6 +21,7 @@ def prepare(cache: str | None, n_samples: int, max_tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m", help="a conf/model/<name>.yaml")
     parser.add_argument("--cache", help="cache folder (default: $KNORMPRESS_CACHE or ~/.cache/knormpress)")
     parser.add_argument("--n-samples", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=3000)
@@ -28,9 +29,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     root = cache_dir(args.cache)
     was_empty = not any(root.iterdir())
-    cold = prepare(args.cache, args.n_samples, args.max_tokens)
-    warm = prepare(args.cache, args.n_samples, args.max_tokens)
-    print(json.dumps({"cold_s": round(cold, 1), "warm_s": round(warm, 1), "cache_was_empty": was_empty, "cache": str(root)}))
+    cold = prepare(args.model, args.cache, args.n_samples, args.max_tokens)
+    warm = prepare(args.model, args.cache, args.n_samples, args.max_tokens)
+    print(json.dumps({"model": args.model, "cold_s": round(cold, 1), "warm_s": round(warm, 1), "cache_was_empty": was_empty, "cache": str(root)}))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Export the finished MLflow runs of one experiment to results/<experiment>.csv (one row per run)
-and results/per_text/<experiment>.csv (per-text sums that pair runs for the summary's intervals)."""
+and results/per_text/<experiment>.csv (each run's per_text.csv: what pairs runs for the summary's intervals)."""
 
 import argparse
 import sys
 
 from knormpress.errors import ConfigError
-from knormpress.results import export
+from knormpress.report.runs import export
 
 
 def main() -> None:

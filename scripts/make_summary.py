@@ -1,12 +1,13 @@
 """Write results/summary.md: the seed's tables rebuilt from the exported runs, beside the seed's
-numbers, and a verdict per seed claim computed from the data."""
+numbers, a verdict per seed claim computed from the data, and every experiment's runs."""
 
 import argparse
 import sys
 from pathlib import Path
 
 from knormpress.errors import ConfigError
-from knormpress.results import read_results, summary_markdown
+from knormpress.report.runs import read_results
+from knormpress.report.summary import summary_markdown
 
 
 def main() -> None:

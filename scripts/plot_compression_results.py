@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from knormpress.errors import ConfigError
-from knormpress.plotting import save_all
-from knormpress.results import read_results
+from knormpress.report.figures import save_all
+from knormpress.report.runs import read_results
 
 
 def main() -> None:

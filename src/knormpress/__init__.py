@@ -1,24 +1,47 @@
-"""knormpress: fixed-size KV-cache compression and exact evaluation of what it costs."""
+"""knormpress: fixed-size KV-cache compression and exact evaluation of what it costs.
 
-from knormpress.compression import CacheCompressor, Compression, fix_size_l2_compress
-from knormpress.engines import evaluate
-from knormpress.errors import ConfigError
-from knormpress.eviction import Budget
-from knormpress.metrics import EvalResult, pooled, summarize
-from knormpress.strategies import STRATEGIES, Strategy, get_strategy, register
+Names are imported on first use, so `import knormpress` (and the CSV-only report scripts) start
+without loading torch, transformers or mlflow.
+"""
 
-__all__ = [
-    "STRATEGIES",
-    "Budget",
-    "CacheCompressor",
-    "Compression",
-    "ConfigError",
-    "EvalResult",
-    "Strategy",
-    "evaluate",
-    "fix_size_l2_compress",
-    "get_strategy",
-    "pooled",
-    "register",
-    "summarize",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_HOME = {  # public name -> module that defines it
+    "Budget": "eviction",
+    "CacheCompressor": "compression",
+    "Compression": "compression",
+    "fix_size_l2_compress": "compression",
+    "ConfigError": "errors",
+    "EngineOutput": "engines",
+    "run_engine": "engines",
+    "EvalResult": "metrics",
+    "pooled": "metrics",
+    "summarize": "metrics",
+    "CacheView": "strategies",
+    "STRATEGIES": "strategies",
+    "Strategy": "strategies",
+    "get_strategy": "strategies",
+    "register": "strategies",
+    "Outcome": "tasks",
+    "TASKS": "tasks",
+    "Task": "tasks",
+    "get_task": "tasks",
+    "register_task": "tasks",
+    "evaluate": "tasks.lm",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'knormpress' has no attribute {name!r}")
+    value = getattr(import_module(f"knormpress.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

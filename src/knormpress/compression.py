@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -11,35 +12,54 @@ from transformers.cache_utils import DynamicLayer
 
 from knormpress.errors import ConfigError
 from knormpress.eviction import Budget, select
-from knormpress.strategies import Strategy, get_strategy
+from knormpress.registry import settings
+from knormpress.strategies import CacheView, Strategy, get_strategy
 
 
 @dataclass
 class Compression:
-    """What to compress and how; validated on creation so mistakes surface before any model work."""
+    """The compression spec: the one list of settings that the library call, both engines, the
+    Hydra `compress` node and the MLflow params share. Validated on creation, so mistakes
+    surface before any model work. `strategy` is a name, a `{name: ..., <setting>: ...}` node or
+    a `Strategy` instance; it is stored as the instance."""
 
-    strategy: str = "keep_low"
+    strategy: Strategy | str | Mapping[str, Any] = "keep_low"
     fix_kv_size: int = 512
     keep_ratio: float = 0.5
     skip_layers: Sequence[int] = (0, 1)
     sort_by_time: bool = True
     n_sink: int = 0
-    seed: int = 0
-    scorer: Strategy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.scorer = get_strategy(self.strategy, self.seed)
+        self.strategy = get_strategy(self.strategy)
         if isinstance(self.fix_kv_size, bool) or not isinstance(self.fix_kv_size, int) or self.fix_kv_size < 1:
             raise ConfigError(f"fix_kv_size must be an integer >= 1, got {self.fix_kv_size!r}")
-        if not 0.0 <= float(self.keep_ratio) <= 1.0:
+        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) or not 0 <= self.keep_ratio <= 1:
             raise ConfigError(f"keep_ratio must lie in [0, 1], got {self.keep_ratio!r}")
-        if not isinstance(self.n_sink, int) or not 0 <= self.n_sink < self.fix_kv_size:
+        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or not 0 <= self.n_sink < self.fix_kv_size:
             raise ConfigError(f"n_sink must be an integer in [0, fix_kv_size={self.fix_kv_size}), got {self.n_sink!r}")
-        if self.scorer.needs_sinks and self.n_sink < 1:
-            raise ConfigError(f"strategy {self.strategy!r} needs n_sink >= 1 (e.g. n_sink=4), got {self.n_sink}")
+        if self.strategy.needs_sinks and self.n_sink < 1:
+            raise ConfigError(f"strategy {self.strategy.name!r} needs n_sink >= 1 (e.g. n_sink=4), got {self.n_sink}")
+        if not isinstance(self.sort_by_time, bool):
+            raise ConfigError(f"sort_by_time must be true or false, got {self.sort_by_time!r}")
+        if isinstance(self.skip_layers, (str, bytes)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.skip_layers):
+            raise ConfigError(f"skip_layers must be a list of layer indices >= 0, got {self.skip_layers!r}")
         self.skip_layers = tuple(sorted(set(self.skip_layers)))
-        if any(not isinstance(i, int) or i < 0 for i in self.skip_layers):
-            raise ConfigError(f"skip_layers must be layer indices >= 0, got {list(self.skip_layers)}")
+        self.keep_ratio = float(self.keep_ratio)
+
+    @classmethod
+    def from_dict(cls, node: Mapping[str, Any]) -> Compression:
+        """Build from a config node, naming the valid keys when one is unknown."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(node) - set(valid))
+        if unknown:
+            raise ConfigError(f"compress has no setting {unknown[0]!r}; its settings are: {', '.join(valid)}")
+        return cls(**node)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config node that rebuilds this spec (strategy settings filled in): what runs log."""
+        node = {f.name: getattr(self, f.name) for f in fields(self)}
+        return node | {"strategy": settings(self.strategy), "skip_layers": list(self.skip_layers)}
 
     @property
     def budget(self) -> Budget:
@@ -72,7 +92,8 @@ class CacheCompressor:
             if idx in c.skip_layers or not layer.is_initialized or layer.keys.shape[-2] <= c.fix_kv_size:
                 continue
             positions, length = _positions(layer)
-            keep = select(c.scorer.score(layer.keys, positions, idx), positions, length, c.budget, c.sort_by_time)
+            scores = c.strategy.score(CacheView(layer.keys, positions, idx))
+            keep = select(scores, positions, length, c.budget, c.sort_by_time)
             layer.keys = layer.keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, layer.values.shape[-1]))
             layer.knorm_positions = positions.gather(-1, keep)
@@ -105,20 +126,18 @@ def _positions(layer: DynamicLayer) -> tuple[torch.Tensor, int]:
 
 
 def fix_size_l2_compress(
-    past_key_values: DynamicCache,
-    fix_kv_size: int = 512,
-    keep_ratio: float = 0.5,
-    strategy: str = "keep_low",
-    skip_layers: Sequence[int] = (0, 1),
-    sort_by_time: bool = True,
-    n_sink: int = 0,
-    seed: int = 0,
+    past_key_values: DynamicCache, compression: Compression | None = None, **settings: Any
 ) -> DynamicCache:
     """Prune `past_key_values` in place to `fix_kv_size` tokens per layer and KV head.
 
+    Pass a `Compression`, or its fields as keywords, as the seed wrote it:
+    `fix_size_l2_compress(cache, fix_kv_size=512, keep_ratio=0.5, strategy="keep_low", skip_layers=[0, 1])`.
     `keep_ratio` of the budget holds the most recent tokens, the rest goes to the older tokens
     the strategy scores best (see `knormpress.eviction` for the exact rule). Layers in
     `skip_layers` stay whole. Call it again after each new token to keep the size fixed.
     """
-    compression = Compression(strategy, fix_kv_size, keep_ratio, skip_layers, sort_by_time, n_sink, seed)
+    if compression is None:
+        compression = Compression.from_dict(settings)
+    elif settings:
+        raise ConfigError(f"pass either a Compression or its settings, not both (got {', '.join(sorted(settings))})")
     return CacheCompressor(compression)(past_key_values)

@@ -9,6 +9,7 @@ into one `ConfigError` line.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,30 +20,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from knormpress.compression import Compression
 from knormpress.engines import pick_engine
-from knormpress.errors import ConfigError
-from knormpress.sources.models import DEVICES, DTYPES
-from knormpress.sources.models import SOURCES as MODEL_SOURCES
+from knormpress.errors import ConfigError, choose
+from knormpress.registry import settings
+from knormpress.sources.models import DEVICES, DTYPES, validate_model_spec
 from knormpress.sources.texts import SOURCES as DATASET_SOURCES
-from knormpress.strategies import STRATEGIES
+from knormpress.tasks import Task, get_task
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-NOT_SEMANTIC = ("tracking", "force", "progress", "cache")  # where and how a run is logged, not what it computes
-
-
-def _choice(key: str, value: Any, choices: Any) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(map(str, choices))}")
-
-
-@dataclass
-class ModelConfig:
-    source: str = "pypi_gguf"
-    name: str | None = None
-    revision: str | None = None
-    random_config: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        _choice("model.source", self.source, MODEL_SOURCES)
+NOT_SEMANTIC = ("tracking", "force", "progress", "cache", "plugins")  # where and how a run is logged, not what it computes
+NO_COMPRESSION = "none"  # the strategy name of the uncompressed baseline
 
 
 @dataclass
@@ -53,30 +39,9 @@ class DatasetConfig:
     split: str = "test"
 
     def __post_init__(self) -> None:
-        _choice("dataset.source", self.source, DATASET_SOURCES)
+        choose("dataset.source", self.source, DATASET_SOURCES)
         if self.source == "local_text" and not self.path:
             raise ConfigError("dataset local_text needs dataset.path (a folder of .txt files, a glob, or a .jsonl/.parquet file), got null")
-
-
-@dataclass
-class CompressConfig:
-    strategy: str = "keep_low"
-    fix_kv_size: int = 512
-    keep_ratio: float = 0.5
-    skip_layers: list[int] = field(default_factory=lambda: [0, 1])
-    sort_by_time: bool = True
-    n_sink: int = 0
-
-    def __post_init__(self) -> None:
-        _choice("compress.strategy", self.strategy, ["none", *sorted(STRATEGIES)])
-        self.build(seed=0)  # Compression checks the budget arithmetic itself
-
-    def build(self, seed: int) -> Compression | None:
-        """The `Compression` to evaluate with, or None for the uncompressed baseline."""
-        if self.strategy == "none":
-            return None
-        return Compression(self.strategy, self.fix_kv_size, self.keep_ratio, list(self.skip_layers),
-                           self.sort_by_time, self.n_sink, seed)
 
 
 @dataclass
@@ -91,8 +56,8 @@ class EvalConfig:
     n_boot: int = 2000
 
     def __post_init__(self) -> None:
-        _choice("eval.device", self.device, DEVICES)
-        _choice("eval.dtype", self.dtype, DTYPES)
+        choose("eval.device", self.device, DEVICES)
+        choose("eval.dtype", self.dtype, DTYPES)
         for key, low in (("max_tokens", 2), ("n_samples", 1), ("start_offset", 0), ("n_boot", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(f"eval.{key} must be >= {low}, got {getattr(self, key)}")
@@ -111,31 +76,53 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """A composed run. The `model`, `task` and `compress` nodes are checked by what builds from
+    them (`validate_model_spec`, the task registry, `Compression`), so their fields are listed once."""
+
+    model: dict[str, Any] = field(default_factory=dict)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    compress: CompressConfig = field(default_factory=CompressConfig)
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "lm"})
+    compress: dict[str, Any] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    plugins: list[str] = field(default_factory=list)  # modules imported first: they register strategies and tasks
     force: bool = False
     progress: bool = True
     cache: str | None = None
 
     def __post_init__(self) -> None:
-        pick_engine(self.eval.engine, self.compress.build(self.eval.seed))  # e.g. masked + random_per_step
-        if self.compress.strategy != "none" and self.compress.fix_kv_size >= self.eval.max_tokens - 1:
-            raise ConfigError(
-                f"compress.fix_kv_size={self.compress.fix_kv_size} is not smaller than the "
-                f"{self.eval.max_tokens - 1} tokens a text feeds the cache (eval.max_tokens - 1), so nothing would "
-                "be evicted; lower compress.fix_kv_size or raise eval.max_tokens"
-            )
+        _import_plugins(self.plugins)
+        validate_model_spec(self.model)
+        compression = self.build_compression()
+        self.build_task().check(compression, self.eval)
+        pick_engine(self.eval.engine, compression)  # e.g. masked + random_per_step
+
+    def build_compression(self) -> Compression | None:
+        """The compression to evaluate, or None for the uncompressed baseline."""
+        strategy = self.compress.get("strategy")
+        if strategy == NO_COMPRESSION or (isinstance(strategy, dict) and strategy.get("name") == NO_COMPRESSION):
+            return None
+        return Compression.from_dict(self.compress)
+
+    def build_task(self) -> Task:
+        return get_task(self.task)
 
     @property
     def role(self) -> str:
-        return "baseline" if self.compress.strategy == "none" else "compressed"
+        return "baseline" if self.build_compression() is None else "compressed"
+
+
+def _import_plugins(modules: list[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"cannot import plugin {name!r} ({error}); put its folder on PYTHONPATH or fix `plugins`") from None
 
 
 def validate(cfg: DictConfig | dict) -> tuple[RunConfig, dict[str, Any]]:
-    """The typed config and its plain resolved dict (schema defaults filled in, no `hydra` node)."""
+    """The typed config and its plain resolved dict (schema defaults filled in, no `hydra` node);
+    the `compress` and `task` nodes come back normalized (every setting, defaults included)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
         plain = OmegaConf.to_container(merged, resolve=True)
@@ -144,7 +131,15 @@ def validate(cfg: DictConfig | dict) -> tuple[RunConfig, dict[str, Any]]:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         where = f"{error.full_key}: " if getattr(error, "full_key", None) else ""
         raise ConfigError(f"{where}{reason}") from None
+    compression = run.build_compression()
+    plain["compress"] = compression.to_dict() if compression else {**plain["compress"], "strategy": {"name": NO_COMPRESSION}}
+    plain["task"] = settings(run.build_task())
     return run, plain
+
+
+def as_baseline(plain: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config of the uncompressed run that `plain` is compared with."""
+    return {**plain, "compress": {**plain["compress"], "strategy": {"name": NO_COMPRESSION}}}
 
 
 def semantic(plain: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +156,7 @@ def baseline_key(plain: dict[str, Any]) -> str:
     """Identity of the baseline a job compares against: model, texts and eval settings that
     change its numbers (not engine, which is exact either way, nor n_boot)."""
     ev = {k: v for k, v in plain["eval"].items() if k not in ("engine", "n_boot")}
-    return _hash({"model": plain["model"], "dataset": plain["dataset"], "eval": ev})
+    return _hash({"model": plain["model"], "dataset": plain["dataset"], "task": plain["task"], "eval": ev})
 
 
 def _hash(obj: Any) -> str:

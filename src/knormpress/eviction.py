@@ -94,13 +94,6 @@ def expiry(scores: torch.Tensor, budget: Budget) -> torch.Tensor:
     return out.reshape(shape).to(scores.device)
 
 
-def visible(expiry_at: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Boolean mask (..., len(queries), T): key j is visible to query q iff j <= q < expiry[j]."""
-    keys = torch.arange(expiry_at.shape[-1], device=expiry_at.device)
-    q = queries.view(-1, 1)
-    return (keys <= q) & (q < expiry_at.unsqueeze(-2))
-
-
 def held_tokens(expiry_at: torch.Tensor) -> torch.Tensor:
     """Tokens held per row when query q = 1..T-1 starts: keys j < q with expiry[j] > q.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ class EvalResult:
     kv_bytes_mean: float
     engine: str
     wall_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:

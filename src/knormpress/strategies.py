@@ -2,27 +2,40 @@
 
 A strategy only ranks the *older* tokens (outside the sink and recent window); the budget
 arithmetic and the selection itself live in `knormpress.eviction`, shared by every strategy.
-Adding a strategy is one small class with `@register`.
+A strategy is a small dataclass whose fields are its own settings (built from the `strategy`
+node of a `compress` config), registered once with `@register`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from knormpress.errors import ConfigError
+from knormpress.registry import Registry
 
-STRATEGIES: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available by its `name`."""
-    STRATEGIES[cls.name] = cls
-    return cls
+REGISTRY: Registry[Strategy] = Registry("strategy")
+STRATEGIES = REGISTRY.classes  # name -> class
+register = REGISTRY.register
 
 
+@dataclass
+class CacheView:
+    """What a strategy may look at for one layer: the cached keys as a set and their positions.
+
+    keys: (batch, kv_heads, n, head_dim); positions: (batch, kv_heads, n) absolute positions.
+    Attention-based strategies get the step's attention over this cache as one more field here,
+    so no strategy's signature changes when they arrive.
+    """
+
+    keys: torch.Tensor
+    positions: torch.Tensor
+    layer: int
+
+
+@dataclass
 class Strategy:
     """Base class. `static` means a token's score never changes once its key exists, which is
     what lets the masked engine replace the token-by-token loop with one forward pass."""
@@ -31,13 +44,14 @@ class Strategy:
     static: ClassVar[bool] = True
     needs_sinks: ClassVar[bool] = False
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-
-    def score(self, keys: torch.Tensor, positions: torch.Tensor, layer: int) -> torch.Tensor:
-        """keys: (batch, kv_heads, n, head_dim); positions: (batch, kv_heads, n) absolute
-        positions. Returns (batch, kv_heads, n) float32 scores, higher = keep."""
+    def score(self, view: CacheView) -> torch.Tensor:
+        """(batch, kv_heads, n) float32 scores for the cached tokens, higher = keep."""
         raise NotImplementedError
+
+
+def get_strategy(spec: str | dict | Strategy) -> Strategy:
+    """Build a registered strategy from a name or a `{name: ..., <setting>: ...}` node."""
+    return REGISTRY.build(spec, Strategy)
 
 
 NORM_BITS = 10
@@ -56,37 +70,41 @@ def key_norm(keys: torch.Tensor) -> torch.Tensor:
 
 
 @register
+@dataclass
 class KeepLow(Strategy):
     """KnormPress: keys with a low L2 norm tend to draw high attention, so keep those."""
 
     name = "keep_low"
 
-    def score(self, keys, positions, layer):
-        return -key_norm(keys)
+    def score(self, view):
+        return -key_norm(view.keys)
 
 
 @register
+@dataclass
 class KeepHigh(Strategy):
     """The paper's negative control: keep the keys with the highest L2 norm."""
 
     name = "keep_high"
 
-    def score(self, keys, positions, layer):
-        return key_norm(keys)
+    def score(self, view):
+        return key_norm(view.keys)
 
 
 @register
+@dataclass
 class RecentOnly(Strategy):
     """Sliding window: newer is better, so the older slots extend the recent window
     (identical to keep_ratio = 1)."""
 
     name = "recent_only"
 
-    def score(self, keys, positions, layer):
-        return positions.float()
+    def score(self, view):
+        return view.positions.float()
 
 
 @register
+@dataclass
 class Sinks(RecentOnly):
     """StreamingLLM: the first `n_sink` tokens plus a sliding window."""
 
@@ -95,40 +113,37 @@ class Sinks(RecentOnly):
 
 
 @register
+@dataclass
 class Random(Strategy):
-    """A uniform random priority per (layer, head, position), fixed by the seed. Because the
+    """A uniform random priority per (layer, head, position), fixed by `seed`. Because the
     priority is a pure function of the token, the kept older tokens are a uniform random
     subset of all older tokens, and the masked engine can use it."""
 
     name = "random"
+    seed: int = 0
 
-    def score(self, keys, positions, layer):
-        b, h, _ = positions.shape
+    def score(self, view):
+        b, h, _ = view.positions.shape
         head = torch.arange(h).view(1, h, 1).expand(b, h, -1)
-        return _hash_uniform(self.seed, layer, head, positions.cpu()).to(keys.device)
+        return _hash_uniform(self.seed, view.layer, head, view.positions.cpu()).to(view.keys.device)
 
 
 @register
+@dataclass
 class RandomPerStep(Strategy):
     """The naive random press: a fresh random draw at every compression step. Old tokens then
     survive with geometrically falling odds, unlike `random`; not static, streaming only."""
 
     name = "random_per_step"
     static = False
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False, compare=False)
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
 
-    def score(self, keys, positions, layer):
-        return torch.rand(positions.shape, generator=self.generator).to(keys.device)
-
-
-def get_strategy(name: str, seed: int = 0) -> Strategy:
-    """Build a registered strategy, or fail with the list of valid names."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](seed=seed)
+    def score(self, view):
+        return torch.rand(view.positions.shape, generator=self.generator).to(view.keys.device)
 
 
 _MASK64 = (1 << 64) - 1

@@ -1,9 +1,10 @@
-"""MLflow bookkeeping: where the store lives, runs that never stay RUNNING, resume lookups, sweep parents.
+"""MLflow bookkeeping: the tag schema, where the store lives, runs that never stay RUNNING,
+resume lookups, sweep parents.
 
-Run schema (a contract for the export code): params = the flattened resolved config; tags
-knormpress.{role,strategy,engine,config_hash,baseline_key,sweep,experiment_preset,texts_hash,
-model,device,pid,host}, git.{commit,dirty}, mlflow.parentRunId; metrics and artifacts: see
-runner.py. A multirun's parent run has the sweep, preset and git tags but no role.
+Run schema (the contract with the report code): params = the flattened resolved config; tags =
+`TAGS` (the one list); metrics = the task's metrics plus the runner's memory and time; artifacts
+= config.yaml, records.parquet (the task's per-item records), per_text.csv (one row per sample).
+A multirun's parent run has the sweep, preset and git tags but no role.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ log = logging.getLogger("knormpress.tracking")
 PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes find their parent run
 SQLITE = "sqlite:///"
 T = TypeVar("T")
+
+TAGS = {  # field -> MLflow tag: everything a run is labelled with, and how lookups find runs
+    **{f: f"knormpress.{f}" for f in (
+        "role", "strategy", "task", "engine", "config_hash", "baseline_key", "sweep", "experiment_preset",
+        "samples_hash", "model", "device", "pid", "host")},
+    "git_commit": "git.commit", "git_dirty": "git.dirty", "parent": "mlflow.parentRunId",
+}
+
+
+def tags(**fields: Any) -> dict[str, str]:
+    """MLflow tags from schema fields (None values are left out); an unknown field is a bug."""
+    return {TAGS[k]: str(v) for k, v in fields.items() if v is not None}
 
 
 def resolve_uri(uri: str | None, root: str | Path) -> str:
@@ -74,10 +87,10 @@ def git_tags(path: Path = Path(__file__).parent) -> dict[str, str]:
     try:
         commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
     except (OSError, subprocess.TimeoutExpired):
-        return {"git.commit": "unknown", "git.dirty": "true"}
+        return tags(git_commit="unknown", git_dirty="true")
     if commit.returncode:
-        return {"git.commit": "unknown", "git.dirty": "true"}
-    return {"git.commit": commit.stdout.strip(), "git.dirty": str(bool(status.stdout.strip())).lower()}
+        return tags(git_commit="unknown", git_dirty="true")
+    return tags(git_commit=commit.stdout.strip(), git_dirty=str(bool(status.stdout.strip())).lower())
 
 
 def _alive(pid: int) -> bool:
@@ -123,28 +136,35 @@ class Tracker:
             return None
         return (Path(self.uri[len(SQLITE):].partition("?")[0]).parent / "mlartifacts").as_uri()
 
-    def search(self, tags: dict[str, str], status: str = "FINISHED", everywhere: bool = False) -> list[Run]:
-        """Runs with these tags and status, newest first, in this experiment or in all active ones."""
+    def search(self, where: dict[str, str], status: str = "FINISHED", everywhere: bool = False) -> list[Run]:
+        """Runs whose schema fields (`TAGS`) equal `where`, with this status, newest first, in this
+        experiment or in all active ones."""
         ids = [e.experiment_id for e in retry(self.client.search_experiments)] if everywhere else [self.experiment_id]
-        query = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [f"attributes.status = '{status}'"])
+        query = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags(**where).items()] + [f"attributes.status = '{status}'"])
         return retry(self.client.search_runs, ids, query, order_by=["attributes.start_time DESC"], max_results=1000)
 
-    def reap(self, tags: dict[str, str], everywhere: bool = False) -> None:
-        """Mark FAILED the RUNNING runs with these tags whose process (on this host) is gone."""
-        for run in self.search(tags, "RUNNING", everywhere):
+    def finished(self, where: dict[str, str], everywhere: bool = False) -> Run | None:
+        """The newest FINISHED run matching `where`, after marking FAILED the matching runs that a
+        dead process left RUNNING."""
+        self.reap(where, everywhere)
+        return next(iter(self.search(where, everywhere=everywhere)), None)
+
+    def reap(self, where: dict[str, str], everywhere: bool = False) -> None:
+        """Mark FAILED the RUNNING runs matching `where` whose process (on this host) is gone."""
+        for run in self.search(where, "RUNNING", everywhere):
             t = run.data.tags
-            if t.get("knormpress.host") == socket.gethostname() and not _alive(int(t.get("knormpress.pid", "-1"))):
-                log.warning("run %s was left RUNNING by dead process %s; marking it FAILED", run.info.run_id, t.get("knormpress.pid"))
+            if t.get(TAGS["host"]) == socket.gethostname() and not _alive(int(t.get(TAGS["pid"], "-1"))):
+                log.warning("run %s was left RUNNING by dead process %s; marking it FAILED", run.info.run_id, t.get(TAGS["pid"]))
                 retry(self.client.set_terminated, run.info.run_id, "FAILED")
 
-    def start(self, name: str, tags: dict[str, str]) -> str:
-        tags = tags | {"knormpress.pid": str(os.getpid()), "knormpress.host": socket.gethostname()}
-        return retry(self.client.create_run, self.experiment_id, tags=tags, run_name=name).info.run_id
+    def start(self, name: str, labels: dict[str, str]) -> str:
+        labels = labels | git_tags() | tags(pid=os.getpid(), host=socket.gethostname())
+        return retry(self.client.create_run, self.experiment_id, tags=labels, run_name=name).info.run_id
 
     @contextmanager
-    def run(self, name: str, tags: dict[str, str]) -> Iterator[str]:
+    def run(self, name: str, labels: dict[str, str]) -> Iterator[str]:
         """A run that ends FINISHED, or FAILED on any exception, Ctrl-C or (see runner) SIGTERM."""
-        run_id = self.start(name, tags)
+        run_id = self.start(name, labels)
         status = "FAILED"
         try:
             yield run_id
@@ -152,14 +172,14 @@ class Tracker:
         finally:
             retry(self.client.set_terminated, run_id, status)
 
-    def log(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str], files: list[Path]) -> None:
+    def log(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], labels: dict[str, str], files: list[Path]) -> None:
         now = int(time.time() * 1000)
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             retry(self.client.log_batch, run_id, params=items[i : i + 100])
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         retry(self.client.log_batch, run_id, metrics=[Metric(k, v, now, 0) for k, v in finite.items()],
-              tags=[RunTag(k, v) for k, v in tags.items()])
+              tags=[RunTag(k, v) for k, v in labels.items()])
         for f in files:
             retry(self.client.log_artifact, run_id, str(f))
 
@@ -209,8 +229,7 @@ class SweepRun(Callback):
             return
         tracker = Tracker(resolve_uri(config.tracking.uri, config.hydra.runtime.cwd), config.tracking.experiment)
         preset = config.hydra.runtime.choices.get("experiment") or "none"
-        tags = {"knormpress.sweep": str(sweep), "knormpress.experiment_preset": preset, **git_tags()}  # no role: not a result
-        run_id = tracker.start(f"sweep {preset} {sweep.name}", tags)
+        run_id = tracker.start(f"sweep {preset} {sweep.name}", tags(sweep=sweep, experiment_preset=preset))  # no role: not a result
         (sweep / PARENT_FILE).write_text(json.dumps({"run_id": run_id, "uri": tracker.uri, "experiment_id": tracker.experiment_id}))
         _sweep.update(tracker=tracker, run_id=run_id)
         log.info("multirun parent run %s in experiment %r (%s)", run_id, tracker.experiment, tracker.uri)

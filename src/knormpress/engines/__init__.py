@@ -1,30 +1,54 @@
-"""`evaluate`: per-token NLL and accuracy of a model reading a text under a compression."""
+"""Engines: run a model over one sequence under a compression and return logits and held memory.
+
+"streaming" reads token by token with a real cache (the reference); "masked" computes the same
+numbers in one forward pass for static strategies; "auto" picks the fastest exact one. Engines
+know nothing of metrics: tasks turn their logits into numbers.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from knormpress.compression import Compression
 from knormpress.engines.masked import evaluate_masked
 from knormpress.engines.streaming import evaluate_streaming
-from knormpress.errors import ConfigError
-from knormpress.metrics import EvalResult
+from knormpress.errors import ConfigError, choose
 
 ENGINES = ("auto", "masked", "streaming")
 
 
+@dataclass
+class EngineOutput:
+    """logits: (T-1, vocab) float32, row q predicts token q+1. kv_tokens, kv_bytes: (T-1,) the cache
+    held when each query q = 1..T-1 starts (tokens per layer and KV head averaged over layers;
+    bytes of keys + values over all layers). cache: the compressed cache
+    after tokens 0..T-2 (the last token is only a target); streaming only, the one-pass engine never
+    builds one."""
+
+    logits: torch.Tensor
+    kv_tokens: torch.Tensor
+    kv_bytes: torch.Tensor
+    engine: str
+    wall_s: float
+    cache: DynamicCache | None = None
+
+    def memory(self) -> dict[str, float]:
+        """Peak and mean of the held cache over the sequence."""
+        return {"kv_tokens_peak": self.kv_tokens.max().item(), "kv_tokens_mean": self.kv_tokens.mean().item(),
+                "kv_bytes_peak": self.kv_bytes.max().item(), "kv_bytes_mean": self.kv_bytes.mean().item()}
+
+
 def pick_engine(engine: str, compression: Compression | None) -> str:
     """Resolve "auto", and refuse "masked" where it would not be exact."""
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    static = compression is None or compression.scorer.static
+    choose("engine", engine, ENGINES)
+    static = compression is None or compression.strategy.static
     if engine == "masked" and not static:
         raise ConfigError(
-            f"strategy {compression.strategy!r} re-scores tokens at every step, so engine='masked' cannot "
+            f"strategy {compression.strategy.name!r} re-scores tokens at every step, so engine='masked' cannot "
             "reproduce it; use engine='streaming' or 'auto'"
         )
     if engine == "auto":
@@ -32,19 +56,14 @@ def pick_engine(engine: str, compression: Compression | None) -> str:
     return engine
 
 
-def evaluate(
+def run_engine(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     compression: Compression | None = None,
     engine: str = "auto",
     progress: bool = False,
-) -> EvalResult:
-    """Read `input_ids` (T,) or (1, T) and score each next-token prediction.
-
-    compression=None is the uncompressed baseline. engine: "streaming" (token by token with a
-    real cache, the reference), "masked" (one exact forward pass, static strategies only), or
-    "auto" (masked when the strategy allows it).
-    """
+) -> EngineOutput:
+    """Read `input_ids` (T,) or (1, T) under `compression` (None: uncompressed)."""
     engine = pick_engine(engine, compression)
     ids = input_ids.view(1, -1).to(model.device)
     if ids.shape[1] < 2:
@@ -52,18 +71,9 @@ def evaluate(
     if compression is not None:
         compression.check_layers(model.config.num_hidden_layers)
     start = time.perf_counter()
+    cache = None
     if engine == "masked":
         logits, tokens, nbytes = evaluate_masked(model, ids, compression)
     else:
-        logits, tokens, nbytes = evaluate_streaming(model, ids, compression, progress)
-    logits, targets = logits[: ids.shape[1] - 1].float(), ids[0, 1:]
-    return EvalResult(
-        nll=F.cross_entropy(logits, targets, reduction="none").cpu(),
-        correct=(logits.argmax(-1) == targets).cpu(),
-        kv_tokens_peak=tokens.max().item(),
-        kv_tokens_mean=tokens.mean().item(),
-        kv_bytes_peak=nbytes.max().item(),
-        kv_bytes_mean=nbytes.mean().item(),
-        engine=engine,
-        wall_s=time.perf_counter() - start,
-    )
+        logits, tokens, nbytes, cache = evaluate_streaming(model, ids, compression, progress)
+    return EngineOutput(logits[: ids.shape[1] - 1].float(), tokens, nbytes, engine, time.perf_counter() - start, cache)

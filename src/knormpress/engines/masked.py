@@ -20,7 +20,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
+from knormpress.errors import ConfigError
 from knormpress.eviction import expiry, held_tokens
+from knormpress.strategies import CacheView
 
 ATTN = "knorm_masked"
 BLOCK = 512  # queries per masked block: bounds mask memory at heads x BLOCK x (budget + BLOCK)
@@ -43,14 +45,26 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     T, layer = query.shape[2], module.layer_idx
     c = plan.compression
     per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+    _refuse_unsupported(kwargs)
     if c is None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
         plan.held[layer] = (torch.arange(1, T, dtype=torch.float64), per_token)
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2), None
     positions = torch.arange(T, device=key.device).expand(key.shape[:3])
-    exp = expiry(c.scorer.score(key, positions, layer), c.budget)
+    exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget)
     plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
     return _blockwise(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
+
+
+UNSUPPORTED = ("sliding_window", "softcap", "s_aux")  # attention kwargs that change the result
+
+
+def _refuse_unsupported(kwargs: dict) -> None:
+    """Attention features this function does not implement would silently change the numbers."""
+    used = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
+    if used:
+        raise ConfigError(f"the masked engine cannot reproduce attention with {', '.join(used)}; "
+                          "use a model without it (e.g. model=smollm2_135m) or engine=streaming")
 
 
 def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:

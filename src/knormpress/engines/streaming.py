@@ -12,8 +12,8 @@ from knormpress.compression import CacheCompressor, Compression
 @torch.no_grad()
 def evaluate_streaming(
     model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None, progress: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids: (1, T). Returns (logits (T-1, vocab), held tokens (T-1,), held bytes (T-1,)).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+    """input_ids: (1, T). Returns (logits (T-1, vocab), held tokens (T-1,), held bytes (T-1,), the cache).
 
     Positions are passed explicitly, so pruned caches never shift them.
 
@@ -34,7 +34,7 @@ def evaluate_streaming(
             compress(cache)
         held.extend(_held(cache, start, stop))
     held = torch.tensor(held, dtype=torch.float64)
-    return torch.cat(logits), held[:, 0], held[:, 1]
+    return torch.cat(logits), held[:, 0], held[:, 1], cache
 
 
 def _held(cache: DynamicCache, start: int, stop: int) -> list[tuple[float, float]]:

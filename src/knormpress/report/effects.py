@@ -1,0 +1,104 @@
+"""Paired effects between two runs and the rules that turn an effect into a verdict on a claim.
+
+An effect is the relative change (%) of a metric from run b to run a. For ppl and accuracy its
+interval is a paired bootstrap over texts that resamples both runs with the same weights, the
+runner's own resampling (`knormpress.metrics`), so it matches the logged deltas to the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from knormpress.metrics import interval, resample_texts, resampled_ppl_acc
+
+IDENTICAL_RTOL = 1e-6  # per-text NLL sums this close: the two runs computed the same thing
+HOLDS, FAILS, INCONCLUSIVE, UNMEASURABLE = "holds", "does not hold", "inconclusive", "not measurable"
+LOWER, HIGHER = (-math.inf, 0.0), (0.0, math.inf)  # claimed ranges that only state a direction
+SUMS = ["nll_sum", "n_correct", "n_tokens"]  # per-text columns the bootstrap needs
+BOOTSTRAPPED = {"ppl": 0, "accuracy": 1}  # metric -> its place in resampled_ppl_acc's answer
+
+
+def select(runs: pd.DataFrame, **where) -> pd.DataFrame:
+    """Runs whose columns equal `where` (numbers within isclose; None: any value). Only
+    compressed runs unless `role` is given: `select(runs, role="baseline")`."""
+    keep = np.ones(len(runs), dtype=bool)
+    for col, value in ({"role": "compressed"} | where).items():
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            keep &= np.isclose(runs[col].to_numpy(float, na_value=np.nan), value)
+        else:
+            keep &= (runs[col] == value).fillna(False).to_numpy(bool)
+    return runs[keep]
+
+
+def pick(runs: pd.DataFrame, **where) -> pd.Series | None:
+    """The newest of `select(runs, **where)`, or None."""
+    rows = select(runs, **where)
+    return None if rows.empty else rows.sort_values("start_time").iloc[-1]
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Relative change (%) of a metric from run b to run a; the 95% interval is a paired bootstrap
+    over texts (nan without per-text data). `identical`: both runs gave the same per-text NLLs."""
+
+    est: float
+    lo: float = math.nan
+    hi: float = math.nan
+    identical: bool = False
+
+    def __str__(self) -> str:
+        if self.identical:
+            return f"{self.est:+.2f}% (identical per-text NLLs)"
+        return f"{self.est:+.2f}%" + ("" if math.isnan(self.lo) else f" [{self.lo:+.2f}, {self.hi:+.2f}]")
+
+
+def effect(texts: pd.DataFrame, a: pd.Series | None, b: pd.Series | None, metric: str) -> Effect | None:
+    """Change of `metric` from run b to run a (None if either run is missing). ppl and accuracy
+    get a paired interval when per-text sums of both runs cover the same texts; other metrics
+    (or unpaired runs) only the point estimate."""
+    if a is None or b is None:
+        return None
+    est = 100 * (a[metric] / b[metric] - 1)
+    if metric not in BOOTSTRAPPED or not set(SUMS) <= set(texts.columns):
+        return Effect(est)
+    ta, tb = (texts[texts.run_id == r.run_id].set_index("text_id").sort_index() for r in (a, b))
+    if ta.empty or not ta.index.equals(tb.index) or not np.array_equal(ta.n_tokens, tb.n_tokens):
+        return Effect(est)
+    identical = bool(np.allclose(ta.nll_sum, tb.nll_sum, rtol=IDENTICAL_RTOL, atol=0)
+                     and np.array_equal(ta.n_correct, tb.n_correct))
+    weights = resample_texts(len(ta))
+    sa, sb = (resampled_ppl_acc(t[SUMS].to_numpy(float), weights)[BOOTSTRAPPED[metric]] for t in (ta, tb))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo, hi = interval(100 * (sa / sb - 1))
+    return Effect(est, lo, hi, identical)
+
+
+def verdict(e: Effect | None, claimed: tuple[float, float]) -> str:
+    """holds: the interval excludes 0 in the claimed direction and reaches the claimed range.
+    does not hold: identical runs, or the interval does not reach into the claimed range (it
+    lies at or on the wrong side of 0, or is clearly smaller than claimed). Else inconclusive."""
+    if e is None or math.isnan(e.est):
+        return UNMEASURABLE
+    if e.identical:
+        return FAILS
+    if math.isnan(e.lo):
+        return INCONCLUSIVE
+    sign = -1.0 if claimed[1] <= 0 else 1.0  # make the claimed direction positive
+    near = sign * (claimed[1] if sign < 0 else claimed[0])
+    lo, hi = sorted((sign * e.lo, sign * e.hi))
+    if hi <= near:
+        return FAILS
+    return HOLDS if lo > 0 else INCONCLUSIVE
+
+
+def combine(verdicts: list[str]) -> str:
+    """A claim over several comparisons holds only if each does; one failure decides it."""
+    if not verdicts:
+        return UNMEASURABLE
+    return next((v for v in (FAILS, UNMEASURABLE, INCONCLUSIVE) if v in verdicts), HOLDS)

@@ -1,0 +1,207 @@
+"""Runs as tidy tables: read from MLflow, written to and read back from the exported CSVs.
+
+One row per run: fixed identity columns (what was run, from params and tags) and one column per
+metric the runs logged, whatever the task: the lm task's and the runner's known metrics first in a
+fixed order (so old and new CSVs line up), then any others sorted by name. Per-text rows come
+from each run's `per_text.csv` artifact (one row per sample) with the run id added.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from knormpress.errors import ConfigError
+
+HEAD = ["run_id", "experiment", "role", "task", "strategy", "keep_ratio", "fix_kv_size", "sort_by_time",
+        "n_sink", "skip_layers"]
+TAIL = ["model", "model_source", "dataset", "engine", "max_tokens", "n_samples", "eval_seed", "config_hash",
+        "baseline_key", "sweep", "git_commit", "git_dirty", "start_time"]
+IDENTITY = HEAD + TAIL
+PARAMS = {  # identity column -> MLflow param(s), the first one logged wins (older runs: the later names)
+    "task": ["task.name"], "strategy": ["compress.strategy.name", "compress.strategy"],
+    "keep_ratio": ["compress.keep_ratio"], "fix_kv_size": ["compress.fix_kv_size"],
+    "sort_by_time": ["compress.sort_by_time"], "n_sink": ["compress.n_sink"], "skip_layers": ["compress.skip_layers"],
+    "model": ["model.name"], "model_source": ["model.source.kind", "model.source"], "dataset": ["dataset.source"],
+    "max_tokens": ["eval.max_tokens"], "n_samples": ["eval.n_samples"], "eval_seed": ["eval.seed"],
+}  # params are the flattened resolved config; a param wins over a tag of the same column
+TAGGED = ["role", "task", "strategy", "model", "engine", "config_hash", "baseline_key", "sweep", "git_commit",
+          "git_dirty"]  # identity columns named like their field in knormpress.tracking.TAGS
+LM_METRICS = [
+    "ppl", "ppl_lo", "ppl_hi", "accuracy", "accuracy_lo", "accuracy_hi", "baseline_ppl", "baseline_accuracy",
+    "delta_ppl_pct", "delta_ppl_pct_lo", "delta_ppl_pct_hi", "delta_accuracy_pct", "delta_accuracy_pct_lo",
+    "delta_accuracy_pct_hi", "n_texts", "n_tokens",
+]
+RUNNER_METRICS = ["kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "memory_saving_pct",
+                  "tokens_per_s", "wall_s"]  # logged for every task
+KNOWN_METRICS = LM_METRICS + RUNNER_METRICS
+INTS = ["fix_kv_size", "n_sink", "n_texts", "n_tokens", "max_tokens", "n_samples", "eval_seed", "start_time"]
+BOOLS = ["sort_by_time", "git_dirty"]
+PER_TEXT = "per_text.csv"  # the run artifact: one row per sample
+TEXT_COLUMNS = ["run_id", "text_id", "title", "n_tokens", "nll_sum", "n_correct"]  # lm columns, in this order
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    """The metric columns of a tidy table (everything that is not identity), in table order."""
+    return [c for c in runs.columns if c not in IDENTITY]
+
+
+def tidy(rows: pd.DataFrame) -> pd.DataFrame:
+    """Fixed columns, dtypes and row order, whether the rows come from MLflow (strings) or a CSV.
+    Rows: per experiment, baselines first, then by strategy, keep_ratio, sorted before unsorted."""
+    extra = sorted(c for c in rows.columns if c not in IDENTITY and c not in KNOWN_METRICS)
+    df = rows.reindex(columns=[*HEAD, *KNOWN_METRICS, *extra, *TAIL])
+    for col in df.columns:
+        if col in INTS:
+            df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
+        elif col == "keep_ratio" or col not in IDENTITY:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    for col in BOOLS:
+        df[col] = df[col].astype(str).str.lower().map({"true": True, "false": False}).astype("boolean")
+    keys = df.assign(_compressed=df.role.ne("baseline"), _unsorted=~df.sort_by_time.fillna(True))
+    keys = keys.sort_values(["experiment", "_compressed", "strategy", "keep_ratio", "_unsorted"], kind="stable")
+    return keys.drop(columns=["_compressed", "_unsorted"]).reset_index(drop=True)
+
+
+def _texts(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per-text rows of several runs: the lm columns first (as old exports had them), then the rest."""
+    if not frames:
+        return pd.DataFrame(columns=TEXT_COLUMNS)
+    texts = pd.concat(frames, ignore_index=True)
+    first = [c for c in TEXT_COLUMNS if c in texts.columns]
+    return texts[first + [c for c in texts.columns if c not in first]]
+
+
+# ---- MLflow ---------------------------------------------------------------------------------------
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The runner's rule (`tracking.resolve_uri`), relative to the current directory."""
+    from knormpress.tracking import resolve_uri
+
+    return resolve_uri(uri, Path.cwd())
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _tags() -> dict[str, str]:
+    from knormpress.tracking import TAGS  # field -> tag name, the runner's single definition
+
+    return TAGS
+
+
+def _paged(search: Callable, *args, **kwargs) -> list:
+    """Every result of an MLflow search call (search_runs, search_experiments), page by page."""
+    found, token = [], None
+    while True:
+        page = search(*args, page_token=token, **kwargs)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _row(run, experiment: str, tag_names: dict[str, str]) -> dict:
+    params, tags = run.data.params, run.data.tags
+    row = dict(run.data.metrics)  # every metric the run logged, whatever its task
+    row |= {"run_id": run.info.run_id, "experiment": experiment, "start_time": run.info.start_time}
+    row |= {col: tags.get(tag_names.get(col, "")) for col in TAGGED}
+    for col, keys in PARAMS.items():
+        row[col] = next((params[k] for k in keys if k in params), row.get(col))
+    return row
+
+
+def _newest(runs: list, experiment: str, key: str, tag_names: dict[str, str]) -> pd.DataFrame:
+    """Rows of child and single runs (not sweep parents, which have no role), the newest per `key`."""
+    rows = [_row(r, experiment, tag_names) for r in runs if tag_names["role"] in r.data.tags]
+    if not rows:
+        return pd.DataFrame(columns=IDENTITY)
+    df = pd.DataFrame(rows)
+    df[key] = df[key].fillna(df.run_id)
+    return df.sort_values("start_time").drop_duplicates(key, keep="last")
+
+
+def _finished_runs(client, experiment) -> pd.DataFrame:
+    """FINISHED runs of one experiment, newest per config_hash, plus the baselines they were
+    compared with: the runner shares one baseline per model, texts and eval settings across
+    experiments, so it may have been logged elsewhere (then: the newest for its baseline_key)."""
+    tag_names = _tags()
+    finished = "attributes.status = 'FINISHED'"
+    runs = _newest(_paged(client.search_runs, [experiment.experiment_id], finished, max_results=1000),
+                   experiment.name, "config_hash", tag_names)
+    missing = set(runs.baseline_key.dropna()) - set(runs[runs.role == "baseline"].baseline_key)
+    if missing:
+        everywhere = [e.experiment_id for e in _paged(client.search_experiments)]
+        query = f"{finished} and tags.`{tag_names['role']}` = 'baseline'"
+        baselines = _newest(_paged(client.search_runs, everywhere, query, max_results=1000), experiment.name,
+                            "baseline_key", tag_names)
+        runs = pd.concat([runs, baselines[baselines.baseline_key.isin(missing)]], ignore_index=True)
+    return runs if runs.empty else tidy(runs)
+
+
+def load_runs(experiment: str, uri: str | None = None) -> pd.DataFrame:
+    """One tidy row per run of `experiment`; a ConfigError names the experiments that exist."""
+    uri = tracking_uri(uri)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = pd.DataFrame() if exp is None else _finished_runs(client, exp)
+    if runs.empty:
+        names = ", ".join(sorted(e.name for e in _paged(client.search_experiments))) or "none"
+        problem = "no MLflow experiment" if exp is None else "no finished runs in experiment"
+        raise ConfigError(f"{problem} {experiment!r} at {uri}; existing experiments: {names}")
+    return runs
+
+
+def load_all(uri: str | None = None) -> pd.DataFrame:
+    """Runs of every experiment that has finished knormpress runs."""
+    client = _client(tracking_uri(uri))
+    frames = [_finished_runs(client, e) for e in _paged(client.search_experiments)]
+    frames = [f for f in frames if not f.empty]
+    return tidy(pd.concat(frames, ignore_index=True)) if frames else tidy(pd.DataFrame(columns=IDENTITY))
+
+
+def load_texts(runs: pd.DataFrame, uri: str | None = None) -> pd.DataFrame:
+    """Each run's per_text.csv with its run_id: what pairs two runs text by text. Runs without
+    that artifact contribute no rows."""
+    client = _client(tracking_uri(uri))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id in runs.run_id.unique():  # a shared baseline can be listed by several experiments
+            if PER_TEXT not in {a.path for a in client.list_artifacts(run_id)}:
+                continue
+            table = pd.read_csv(client.download_artifacts(run_id, PER_TEXT, tmp))
+            frames.append(table.drop(columns="run_id", errors="ignore").assign(run_id=run_id))
+    return _texts(frames)
+
+
+def export(experiment: str, out_dir: str | Path = "results", uri: str | None = None) -> list[Path]:
+    """Write <out>/<experiment>.csv (runs) and <out>/per_text/<experiment>.csv (per-text rows)."""
+    runs = load_runs(experiment, uri)
+    texts = load_texts(runs, uri)
+    out = Path(out_dir)
+    (out / "per_text").mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{experiment}.csv", out / "per_text" / f"{experiment}.csv"]
+    runs.to_csv(paths[0], index=False)
+    texts.to_csv(paths[1], index=False)
+    return paths
+
+
+# ---- exported CSVs --------------------------------------------------------------------------------
+
+def read_results(results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The exported runs and per-text tables of every experiment in `results_dir`."""
+    root = Path(results_dir)
+    run_files = sorted(root.glob("*.csv"))
+    if not run_files:
+        raise ConfigError(f"no exported runs in {root}/; run scripts/export_results.py --experiment NAME first")
+    runs = tidy(pd.concat([pd.read_csv(f) for f in run_files], ignore_index=True))
+    texts = _texts([pd.read_csv(f) for f in sorted((root / "per_text").glob("*.csv"))])
+    return runs, texts.drop_duplicates(["run_id", "text_id"])  # a shared baseline is in several files

@@ -1,0 +1,198 @@
+"""results/summary.md: the verdict rules, the setup, a verdict per seed claim, the seed's tables
+rebuilt from our runs beside the seed's numbers, and every experiment's runs with their metrics.
+
+Which tables, claims and experiments come from `seed.yaml`; any other experiment or task in the
+results simply appears in the last section with whatever metrics its runs logged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from knormpress.metrics import LEVEL, N_BOOT
+from knormpress.report.claims import claims, load_seed, rule_lines
+from knormpress.report.effects import IDENTICAL_RTOL, pick, select
+from knormpress.report.runs import RUNNER_METRICS, metric_columns
+
+COMPRESS = ["strategy", "keep_ratio", "fix_kv_size", "sort_by_time", "n_sink", "skip_layers"]
+SETTINGS = COMPRESS + ["task", "model", "dataset", "max_tokens", "n_samples", "eval_seed"]
+
+
+def _fmt(value: float, lo: float = math.nan, hi: float = math.nan, spec: str = ".2f", scale: float = 1.0) -> str:
+    if value is None or pd.isna(value):
+        return "—"
+    ci = "" if pd.isna(lo) else f" [{scale * lo:{spec}}, {scale * hi:{spec}}]"
+    return f"{scale * value:{spec}}{ci}"
+
+
+def _seed(rows: dict, key, field: str, spec: str = ".2f", scale: float = 1.0) -> str:
+    value = rows.get(key, {}).get(field)
+    return "—" if value is None else f"{scale * value:{spec}}"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)])
+
+
+def describe(runs: pd.DataFrame) -> str:
+    """Model, data and sample size of a set of runs, for titles and table captions."""
+    if runs.empty:
+        return "no runs"
+    ref = pick(runs, role="baseline")
+    ref = runs.iloc[0] if ref is None else ref
+
+    def values(col: str) -> str:
+        return "/".join(sorted({str(v) for v in runs[col].dropna()})) or "?"
+
+    n_texts = "?" if pd.isna(ref.n_texts) else f"{int(ref.n_texts)}"
+    n_tokens = "?" if pd.isna(ref.n_tokens) else f"{int(ref.n_tokens):,}"
+    return f"{values('model')} on {values('dataset')}, {n_texts} texts, {n_tokens} predicted tokens per run"
+
+
+# ---- the seed's tables ----------------------------------------------------------------------------
+
+def strategy_table(runs: pd.DataFrame, keep_ratio: float, seed_rows: dict) -> pd.DataFrame:
+    """Baseline and every strategy at `keep_ratio`, ours (95% CI) beside the seed's number."""
+    at_ratio = select(runs, keep_ratio=keep_ratio)
+    names = list(seed_rows) + sorted(set(at_ratio.strategy.dropna()) - set(seed_rows))
+    out = []
+    for name in names:
+        r = pick(runs, role="baseline") if name == "baseline" else pick(runs, strategy=name, keep_ratio=keep_ratio)
+        get = pd.Series(dtype=float).get if r is None else r.get  # no run: every cell "—"
+        out.append({
+            "strategy": name,
+            "PPL [95% CI]": _fmt(get("ppl"), get("ppl_lo"), get("ppl_hi")),
+            "seed PPL": _seed(seed_rows, name, "ppl"),
+            "Acc % [95% CI]": _fmt(get("accuracy"), get("accuracy_lo"), get("accuracy_hi"), scale=100),
+            "seed Acc %": _seed(seed_rows, name, "accuracy", scale=100),
+            "dPPL % [95% CI]": _fmt(get("delta_ppl_pct"), get("delta_ppl_pct_lo"), get("delta_ppl_pct_hi"), "+.1f"),
+            "seed dPPL %": _seed(seed_rows, name, "delta_ppl_pct", "+.1f"),
+            "dAcc % [95% CI]": _fmt(get("delta_accuracy_pct"), get("delta_accuracy_pct_lo"),
+                                    get("delta_accuracy_pct_hi"), "+.1f"),
+            "seed dAcc %": _seed(seed_rows, name, "delta_accuracy_pct", "+.1f"),
+        })
+    return pd.DataFrame(out)
+
+
+def grid_table(runs: pd.DataFrame, strategies: list[str], seed_grid: dict) -> pd.DataFrame:
+    """`strategies` per keep_ratio, ours (95% CI) beside the seed's number."""
+    ours = runs.loc[(runs.role == "compressed") & runs.strategy.isin(strategies), "keep_ratio"]
+    out = []
+    for ratio in sorted(set(ours.dropna().round(6)) | set(seed_grid)):
+        row, seeded = {"keep_ratio": f"{ratio:g}"}, seed_grid.get(ratio, {})
+        for metric, scale, label in (("ppl", 1, "PPL"), ("accuracy", 100, "Acc %")):
+            for strategy in strategies:
+                r = pick(runs, strategy=strategy, keep_ratio=ratio)
+                row[f"{strategy} {label}"] = "—" if r is None else _fmt(
+                    r[metric], r[f"{metric}_lo"], r[f"{metric}_hi"], scale=scale)
+                row[f"seed {strategy} {label}"] = _seed(seeded, strategy, metric, scale=scale)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def seed_tables(runs: pd.DataFrame, seed: dict | None = None) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """The seed's tables rebuilt from `runs`: (title, the experiment's runs, table) each. A table
+    whose experiment is null uses the first experiment with compressed runs at its keep_ratio."""
+    seed = seed or load_seed()
+    by_exp = {name: runs[runs.experiment == name] for name in runs.experiment.dropna().unique()}
+    out = []
+    for number, spec in enumerate(seed["tables"], 1):
+        name, ratio = spec.get("experiment"), spec.get("keep_ratio")
+        if name is None:
+            name = next((n for n, r in by_exp.items() if not select(r, keep_ratio=ratio).empty), None)
+        where = f"experiment `{name}`" if name else f"not run, no preset uses keep_ratio {ratio:g}"
+        note = f"seed: {spec['note']}; ours: " if "note" in spec else ""
+        exp = by_exp.get(name, runs.iloc[:0])
+        table = (grid_table(exp, spec["strategies"], spec["seed"]) if spec["kind"] == "grid"
+                 else strategy_table(exp, ratio, spec["seed"]))
+        out.append((f"Table {number}: {spec['title']} ({note}{where})", exp, table))
+    return out
+
+
+# ---- every experiment, any task --------------------------------------------------------------------
+
+def _num(value) -> str:
+    if value is None or pd.isna(value):
+        return "—"
+    value = float(value)
+    return f"{value:.0f}" if value.is_integer() and abs(value) < 1e15 else f"{value:#.4g}"
+
+
+def task_metrics(runs: pd.DataFrame) -> list[str]:
+    """Metrics of the runs' task that some run logged (runner metrics and interval bounds aside)."""
+    return [m for m in metric_columns(runs) if m not in RUNNER_METRICS and not m.endswith(("_lo", "_hi"))
+            and runs[m].notna().any()]
+
+
+def run_table(runs: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """The settings all compressed runs share, and one row per run: the settings that differ,
+    then each task metric as `x [lo, hi]` (bounds where logged)."""
+    compressed = runs[runs.role != "baseline"]
+    differ = [c for c in SETTINGS if c == "strategy" or compressed[c].astype(str).nunique() > 1]
+    same = [c for c in COMPRESS if c not in differ and compressed[c].notna().any()]
+    shared = ", ".join(f"{c}={compressed[c].iloc[0]}" for c in same)
+    rows = []
+    for _, r in runs.iterrows():
+        row = {"run": str(r.run_id)[:8]}
+        for c in differ:  # a baseline has no compression settings
+            row[c] = ("baseline" if c == "strategy" else "—") if r.role == "baseline" and c in COMPRESS else str(r[c])
+        for m in task_metrics(runs):
+            bounds = [r.get(f"{m}_{end}") for end in ("lo", "hi")]
+            ci = "" if any(b is None or pd.isna(b) for b in bounds) else f" [{_num(bounds[0])}, {_num(bounds[1])}]"
+            row[m] = _num(r[m]) + (ci if not pd.isna(r[m]) else "")
+        rows.append(row)
+    return shared, pd.DataFrame(rows)
+
+
+def _experiments(by_exp: dict[str, pd.DataFrame]) -> list[str]:
+    parts = ["## Runs per experiment",
+             "Every exported run with its task's metrics (95% CI in brackets where logged)."]
+    for name, runs in by_exp.items():
+        shared, table = run_table(runs)
+        tasks = "/".join(sorted(set(runs.task.dropna()))) or "not recorded"
+        line = f"{describe(runs)}; task {tasks}" + (f"; compressed runs share {shared}" if shared else "") + "."
+        parts += [f"### `{name}`", line, markdown_table(table)]
+    return parts
+
+
+# ---- the whole summary -----------------------------------------------------------------------------
+
+def rules(seed: dict) -> str:
+    lines = [
+        "## How verdicts are decided", "",
+        "- A claim compares two runs on the same texts: the effect is the relative change (%) of PPL or",
+        f"  accuracy, with a {LEVEL:.0%} paired bootstrap interval over texts ({N_BOOT} resamples, both runs",
+        "  resampled with the same texts), the same method as the logged deltas against the baseline.",
+        "- **holds**: the interval excludes 0 in the claimed direction and reaches the claimed range",
+        "  (an effect larger than claimed still holds).",
+        "- **does not hold**: the interval does not reach into the claimed range (it lies at or on the",
+        "  wrong side of 0, or is clearly smaller than claimed), or the two runs give identical per-text",
+        f"  NLLs (rel. tol. {IDENTICAL_RTOL:g}).",
+        "- **inconclusive**: anything else, e.g. the interval contains 0, or no per-text data pair the runs.",
+        "- **not measurable**: a run the claim needs is missing.",
+        '- A claim over several comparisons holds only if every one holds; one "does not hold" decides it.',
+        *(f"- {line}" for line in rule_lines(seed)),
+        f"- Seed numbers come from a different setup ({seed['setup']}); compare",
+        "  directions and relative changes, not absolute PPL.",
+    ]
+    return "\n".join(lines)
+
+
+def summary_markdown(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> str:
+    """results/summary.md from the tidy run and per-text tables."""
+    seed = seed or load_seed()
+    by_exp = {name: runs[runs.experiment == name] for name in runs.experiment.dropna().unique()}
+    setup = [f"- `{name}`: {describe(r)}; {len(r)} runs; engine {'/'.join(sorted(set(r.engine.dropna())))}; "
+             f"git {'/'.join(sorted(set(r.git_commit.dropna().astype(str).str[:8])))}" for name, r in by_exp.items()]
+    parts = [
+        "# Results: the seed's claims re-measured",
+        "Generated by `scripts/make_summary.py` from the runs exported to `results/`; do not edit by hand.",
+        rules(seed), "## Setup", "\n".join(setup) or "no runs",
+        "## Seed claims", markdown_table(claims(runs, texts, seed)),
+    ]
+    for title, exp_runs, table in seed_tables(runs, seed):
+        parts += [f"## {title}", f"Ours: {describe(exp_runs)}. Seed: {seed['setup']}.", markdown_table(table)]
+    return "\n\n".join(parts + _experiments(by_exp)) + "\n"

@@ -1,0 +1,76 @@
+"""Tiny random model shapes, defined once: `model=tiny_random` and the unit tests build from this table.
+
+Numbers from these models mean nothing; they exist so that engines, strategies and runs can be
+tested in seconds and offline. Every shape uses the byte tokenizer's vocabulary, so any text works.
+"""
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, PretrainedConfig, PreTrainedModel
+
+from knormpress.errors import ConfigError, choose
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (id = byte + 3, ids 0-2 left for specials), so random models need no downloaded vocabulary."""
+
+    offset = 3
+
+    def __init__(self, vocab_size: int):
+        check_vocab(vocab_size)
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [byte + self.offset for byte in text.encode("utf-8")]
+
+    def decode(self, ids: Any) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256).decode("utf-8", errors="replace")
+
+
+VOCAB = ByteTokenizer.offset + 256  # every prediction is a real byte
+
+_COMMON = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
+           "vocab_size": VOCAB, "max_position_embeddings": 8192}
+
+# arch -> (transformers config class, tiny defaults); the default keys are the settings a model YAML may override
+TINY: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    "llama": (LlamaConfig, {**_COMMON, "num_key_value_heads": 2}),  # grouped-query attention
+    "gpt_neox": (GPTNeoXConfig, {**_COMMON, "rotary_pct": 0.25}),  # Pythia shape: partial rotary
+    # Gemma 3 shape: alternating sliding/full layers, refused by check_supported until the engines handle windows
+    "gemma3": (Gemma3TextConfig, {**_COMMON, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 16,
+                                  "sliding_window_pattern": 2}),
+}
+
+
+def check_vocab(vocab_size: int) -> None:
+    if vocab_size < VOCAB:
+        raise ConfigError(f"random model vocab_size={vocab_size} is too small for the byte tokenizer; use vocab_size >= {VOCAB}")
+
+
+def check_overrides(arch: str, overrides: dict[str, Any]) -> None:
+    """Fail on an unknown arch or a setting the tiny shape does not define, before anything is built."""
+    choose("model.source.arch", arch, TINY)
+    defaults = TINY[arch][1]
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"model.source.config keys {unknown} do not apply to arch {arch!r}; use only {', '.join(defaults)}")
+    check_vocab(overrides.get("vocab_size", VOCAB))
+
+
+def tiny_config(arch: str, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
+    overrides = dict(overrides or {})
+    check_overrides(arch, overrides)
+    cls, defaults = TINY[arch]
+    return cls(**{**defaults, **overrides})
+
+
+def build_random(arch: str, overrides: dict[str, Any] | None = None, *, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A seeded random model in eval mode with SDPA attention, leaving the caller's RNG untouched."""
+    config = tiny_config(arch, overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()

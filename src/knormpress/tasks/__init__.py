@@ -1,0 +1,72 @@
+"""Evaluation tasks as plug-ins: what a run measures, separate from how the model is run.
+
+A task picks its samples, runs the model on each under a compression through the engines,
+returns per-item records (a DataFrame whose first column is `text_id`, the sample id), and turns
+records (its own and, for deltas, the baseline's) into metrics. Everything downstream (runner,
+tracking, export, figures, summary) handles any task through these records and metrics.
+A new task is one `@register_task` dataclass; `lm` (perplexity, next-token accuracy) is the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from knormpress.registry import Registry
+
+REGISTRY: Registry[Task] = Registry("task")
+TASKS = REGISTRY.classes  # name -> class
+register_task = REGISTRY.register
+
+
+@dataclass
+class Outcome:
+    """One sample run under one compression: its records and the memory and time it took."""
+
+    records: pd.DataFrame
+    memory: dict[str, float]
+    engine: str
+    wall_s: float
+
+
+@dataclass
+class Task:
+    """Base class: override `run` and `metrics`; the rest has defaults that suit text tasks."""
+
+    name: ClassVar[str]
+
+    def check(self, compression: Any, ev: Any) -> None:
+        """Refuse a compression or eval setting this task cannot run, before any model loads."""
+
+    def samples(self, bundle: Any, dataset: dict, ev: Any, cache: str | Path | None) -> list:
+        """Default: `ev.n_samples` windows of `ev.max_tokens` tokens from the dataset's texts."""
+        from knormpress.sources.texts import load_samples
+
+        return load_samples(dataset, bundle.tokenizer, bundle.name, n_samples=ev.n_samples, max_tokens=ev.max_tokens,
+                            start_offset=ev.start_offset, seed=ev.seed, cache=cache)
+
+    def run(self, model: Any, sample: Any, compression: Any, engine: str, progress: bool) -> Outcome:
+        raise NotImplementedError
+
+    def metrics(self, records: pd.DataFrame, baseline: pd.DataFrame | None, n_boot: int, seed: int) -> dict[str, float]:
+        """Metrics of a run from its records; `baseline`: the uncompressed run's records (None for the baseline itself)."""
+        raise NotImplementedError
+
+    def per_sample(self, records: pd.DataFrame) -> pd.DataFrame:
+        """One row per sample (per_text.csv): default, the numeric columns summed per text_id."""
+        return records.groupby("text_id", sort=False).sum(numeric_only=True).reset_index()
+
+    def headline(self, metrics: dict[str, float]) -> str:
+        """The one-line result a person reads in the log and the MLflow run description."""
+        return ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4])
+
+
+def get_task(spec: str | dict | Task) -> Task:
+    """Build a registered task from a name or a `{name: ..., <setting>: ...}` node."""
+    return REGISTRY.build(spec, Task)
+
+
+from knormpress.tasks import lm  # noqa: E402, F401  (the built-in tasks register themselves)

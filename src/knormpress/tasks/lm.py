@@ -1,0 +1,96 @@
+"""The `lm` task: perplexity and next-token accuracy of a model reading long texts.
+
+Records: one row per predicted token (text_id, title, position, nll, correct); position p is
+token p predicted from tokens < p. Metrics: ppl = exp(mean NLL over all predicted tokens of all
+texts), accuracy likewise pooled, bootstrap intervals over texts and paired deltas to the baseline
+(`knormpress.metrics.summarize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from knormpress.compression import Compression
+from knormpress.engines import run_engine
+from knormpress.errors import ConfigError
+from knormpress.metrics import EvalResult, summarize
+from knormpress.tasks import Outcome, Task, register_task
+
+
+def evaluate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    compression: Compression | None = None,
+    engine: str = "auto",
+    progress: bool = False,
+) -> EvalResult:
+    """Read `input_ids` (T,) or (1, T) and score each next-token prediction.
+
+    compression=None is the uncompressed baseline. engine: "streaming" (token by token with a
+    real cache, the reference), "masked" (one exact forward pass, static strategies only), or
+    "auto" (the fastest exact engine for the strategy).
+    """
+    out = run_engine(model, input_ids, compression, engine, progress)
+    targets = input_ids.view(-1)[1:].to(out.logits.device)
+    return EvalResult(
+        nll=F.cross_entropy(out.logits, targets, reduction="none").cpu(),
+        correct=(out.logits.argmax(-1) == targets).cpu(),
+        engine=out.engine,
+        wall_s=out.wall_s,
+        **out.memory(),
+    )
+
+
+@register_task
+@dataclass
+class LanguageModeling(Task):
+    """Perplexity and next-token accuracy over every token of each text."""
+
+    name = "lm"
+
+    def check(self, compression, ev):
+        if compression is not None and compression.fix_kv_size >= ev.max_tokens - 1:
+            raise ConfigError(
+                f"compress.fix_kv_size={compression.fix_kv_size} is not smaller than the {ev.max_tokens - 1} tokens "
+                "a text feeds the cache (eval.max_tokens - 1), so nothing would be evicted; lower "
+                "compress.fix_kv_size or raise eval.max_tokens"
+            )
+
+    def run(self, model, sample, compression, engine, progress):
+        r = evaluate(model, sample.input_ids, compression, engine, progress)
+        records = pd.DataFrame({"text_id": sample.id, "title": sample.title, "position": np.arange(1, r.n_tokens + 1),
+                                "nll": r.nll.float().numpy(), "correct": r.correct.bool().numpy()})
+        memory = {k: getattr(r, k) for k in ("kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean")}
+        return Outcome(records, memory, r.engine, r.wall_s)
+
+    def metrics(self, records, baseline, n_boot, seed):
+        return summarize(_results(records), None if baseline is None else _results(baseline), n_boot, seed)
+
+    def per_sample(self, records):
+        by_text = records.groupby("text_id", sort=False)
+        table = pd.DataFrame({"title": by_text.title.first(), "n_tokens": by_text.size(),
+                              "nll_sum": by_text.nll.sum(), "n_correct": by_text.correct.sum()})
+        table["ppl"] = np.exp(by_text.nll.apply(lambda x: x.astype(np.float64).mean()))
+        table["accuracy"] = table.n_correct / table.n_tokens
+        return table.reset_index()
+
+    def headline(self, m):
+        def delta(key: str) -> str:
+            return f" ({m[key]:+.2f}%)" if key in m else ""
+
+        return (f"ppl {m['ppl']:.3f}{delta('delta_ppl_pct')}, accuracy {100 * m['accuracy']:.2f}%"
+                f"{delta('delta_accuracy_pct')}")
+
+
+def _results(records: pd.DataFrame) -> list[EvalResult]:
+    """Per-text results in the order the texts were read, from a records table."""
+    nan = float("nan")
+    return [EvalResult(torch.tensor(rows.nll.to_numpy()), torch.tensor(rows.correct.to_numpy()),
+                       nan, nan, nan, nan, engine="records")
+            for _, rows in records.groupby("text_id", sort=False)]

@@ -1,0 +1,163 @@
+"""The seed's claims decided on hand-built runs whose effects are known exactly: every text of a
+run has the same PPL (accuracy) ratio to the baseline, so every bootstrap resample gives that ratio
+and the verdicts below follow from the numbers by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from report_data import per_text, seed_like, tables
+
+from knormpress.errors import ConfigError
+from knormpress.report.claims import claims, improvements, load_seed, rule_lines
+from knormpress.report.effects import FAILS, HOLDS, INCONCLUSIVE, UNMEASURABLE
+
+STRATEGIES_PPL = "keep_low has lower PPL than random and recent_only at keep_ratio 0.5"
+STRATEGIES_ACC = "keep_low has higher accuracy than random and recent_only at keep_ratio 0.5"
+EVERY_RATIO = "keep_low has lower PPL than random at every keep_ratio"
+BEST_RATIO = "best keep_ratio for keep_low (lowest PPL) is 0.4-0.5"
+TEMPORAL_PPL, TEMPORAL_ACC = "temporal order lowers PPL by 2-5%", "temporal order raises accuracy by 0.5-1%"
+MIXED_PPL, MIXED_ACC = "mixed retention lowers PPL by 3-5%", "mixed retention raises accuracy by 1-2%"
+MEMORY = "memory saving 83% (3000 -> 512 tokens)"
+
+
+def _claims(specs: list[tuple], texts: pd.DataFrame | None = None) -> pd.DataFrame:
+    runs, all_texts = tables(specs)
+    return claims(runs, all_texts if texts is None else texts).set_index("claim")
+
+
+def _replace(specs: list[tuple], run_id: str, **changes) -> list[tuple]:
+    """The specs with one run's fields changed (ppl, acc: factors; extra: run fields)."""
+    out = []
+    for spec in specs:
+        if spec[0] == run_id:
+            rid, exp, strategy, ratio, f_ppl, f_acc, *extra = spec
+            spec = (rid, exp, strategy, ratio, changes.get("ppl", f_ppl), changes.get("acc", f_acc),
+                    (extra[0] if extra else {}) | changes.get("extra", {}))
+        out.append(spec)
+    return out
+
+
+def test_seed_like_runs():
+    table = _claims(seed_like())
+    assert table.verdict.to_dict() == {
+        STRATEGIES_PPL: HOLDS,  # -4.55% vs random, -7.08% vs recent_only
+        STRATEGIES_ACC: HOLDS,  # +2.11%, +2.32%
+        EVERY_RATIO: HOLDS,  # -1.85, -3.67, -5.45, -3.60%
+        BEST_RATIO: HOLDS,  # r=0.5 (1.04) beats the best outside, r=0.3 (1.06): -1.89%
+        TEMPORAL_PPL: FAILS, TEMPORAL_ACC: FAILS,  # identical runs
+        MIXED_PPL: HOLDS,  # 1.04 / 1.08: -3.70%, inside -5..-3%
+        MIXED_ACC: HOLDS,  # 0.98 / 0.965: +1.55%, inside 1..2%
+        MEMORY: HOLDS,  # 83.4% within 83 +- 1
+    }
+    assert table.measured[STRATEGIES_PPL] == "vs random: -4.55% [-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08]"
+    assert table.measured[EVERY_RATIO].startswith("r=0.3: -1.85% [-1.85, -1.85]; r=0.4: -3.67%")
+    assert table.measured[BEST_RATIO] == "argmin r=0.5; best inside (r=0.5) vs outside (r=0.3): -1.89% [-1.89, -1.89]"
+    assert table.measured[TEMPORAL_PPL] == "sorted vs unsorted: +0.00% (identical per-text NLLs)"
+    assert table.measured[MEMORY] == "83.4% of KV bytes, uncompressed skip layers included"
+    assert table.claimed.to_dict() == {
+        STRATEGIES_PPL: "< 0%", STRATEGIES_ACC: "> 0%", EVERY_RATIO: "< 0%", BEST_RATIO: "argmin in range",
+        TEMPORAL_PPL: "-5 to -2%", TEMPORAL_ACC: "+0.5 to +1%", MIXED_PPL: "-5 to -3%", MIXED_ACC: "+1 to +2%",
+        MEMORY: "83%",
+    }
+
+
+@pytest.mark.parametrize(("changes", "claim", "want"), [
+    ([("s-low", {"ppl": 1.12})], STRATEGIES_PPL, FAILS),  # worse than random (1.10), better than recent_only
+    ([("k-low0.6", {"ppl": 1.12})], EVERY_RATIO, FAILS),  # random 1.11 beats it at r=0.6
+    ([("k-low0.6", {"ppl": 1.00})], BEST_RATIO, FAILS),  # r=0.6 is best: inside vs outside is +4%
+    ([("a-pure", {"ppl": 1.05})], MIXED_PPL, FAILS),  # -0.95%: well short of -3%
+    ([("a-pure", {"acc": 0.90})], MIXED_ACC, HOLDS),  # +8.9%: larger than claimed still holds
+    ([("a-unsorted", {"ppl": 1.08})], TEMPORAL_PPL, HOLDS),  # 1.04 / 1.08: -3.70%
+    ([("s-low", {"extra": {"memory_saving_pct": 77.4}})], MEMORY, FAILS),
+])
+def test_verdicts_follow_the_numbers(changes, claim, want):
+    specs = seed_like()
+    for run_id, change in changes:
+        specs = _replace(specs, run_id, **change)
+    assert _claims(specs).verdict[claim] == want
+
+
+def test_missing_runs_and_missing_texts():
+    specs = [s for s in seed_like() if s[1] != "ablations"]
+    table = _claims(specs)
+    assert table.verdict[TEMPORAL_PPL] == table.verdict[MIXED_ACC] == UNMEASURABLE
+    assert table.measured[TEMPORAL_PPL] == "sorted vs unsorted: no runs"
+    table = _claims(seed_like(), texts=per_text("nobody").iloc[:0])  # no per-text rows: no intervals
+    assert table.verdict[STRATEGIES_PPL] == table.verdict[BEST_RATIO] == INCONCLUSIVE
+    assert table.measured[STRATEGIES_PPL] == "vs random: -4.55%; vs recent_only: -7.08%"
+    assert table.verdict[MEMORY] == HOLDS  # deterministic, needs no texts
+    runs, texts = tables(seed_like())
+    assert set(claims(runs.iloc[:0], texts.iloc[:0]).verdict) == {UNMEASURABLE}
+
+
+def test_an_interval_across_zero_is_inconclusive():
+    # keep_low is 10% better on texts 0 and 2 and 10% worse on texts 1 and 3 than random; a
+    # resample of only texts 0 and 2 (or 1 and 3) has probability 1/16 > 2.5%, so the interval
+    # reaches from -10% to +10%.
+    runs, texts = tables(seed_like())
+    low = texts.run_id == "s-low"
+    texts.loc[low, "nll_sum"] = per_text("s-low", 1.10 * np.array([0.9, 1.1, 0.9, 1.1])).nll_sum.to_numpy()
+    table = claims(runs, texts).set_index("claim")
+    assert table.verdict[STRATEGIES_PPL] == INCONCLUSIVE  # vs random: inconclusive; vs recent_only: holds
+    assert "vs random: -4.55% [-10.00, +10.00]" in table.measured[STRATEGIES_PPL]
+
+
+def test_claims_are_data():
+    """A claim on any experiment and strategies, of each kind, needs no code."""
+    seed = {"setup": "-", "tables": [], "figures": {}, "claims": [
+        {"claim": "foo beats bar", "kind": "paired", "experiment": "toy", "metric": "ppl", "claimed": "lower",
+         "a": {"strategy": "foo"}, "b": {"vs bar": {"strategy": "bar"}}},
+        {"claim": "foo is fast", "kind": "value", "experiment": "toy", "run": {"strategy": "foo"}, "metric": "wall_s",
+         "claimed": 2.0, "tolerance": 0.5, "unit": " s"},
+        {"claim": "foo peaks at 0.2-0.3", "kind": "best_in_range", "experiment": "toy", "runs": {"strategy": "foo"},
+         "column": "keep_ratio", "range": [0.2, 0.3], "metric": "accuracy", "best": "highest"},
+    ]}
+    runs, texts = tables([
+        ("foo-a", "toy", "foo", 0.5, 0.95, 1.00, {"start_time": 1}),
+        ("foo-b", "toy", "foo", 0.25, 0.90, 1.02, {"start_time": 2, "wall_s": 2.3}),
+        ("bar", "toy", "bar", 0.25, 1.00, 1.00),
+        ("elsewhere", "other", "bar", 0.25, 0.5, 1.0),
+    ])
+    table = claims(runs, texts, seed)
+    assert table.to_dict("records") == [
+        {"claim": "foo beats bar", "claimed": "< 0%", "measured": "vs bar: -10.00% [-10.00, -10.00]", "verdict": HOLDS},
+        {"claim": "foo is fast", "claimed": "2 s", "measured": "2.3", "verdict": HOLDS},
+        {"claim": "foo peaks at 0.2-0.3", "claimed": "argmax in range",
+         "measured": "argmax keep_ratio=0.25; best inside (keep_ratio=0.25) vs outside (keep_ratio=0.5): +2.00% "
+                     "[+2.00, +2.00]", "verdict": HOLDS},
+    ]
+
+
+def test_improvements_for_the_figure():
+    got = [(i["improvement"], i["label"], i["metric"], i["claimed"], i["verdict"])
+           for i in improvements(*tables(seed_like()))]
+    assert got == [
+        ("temporal order", "sorted vs unsorted", "ppl", (-5.0, -2.0), FAILS),
+        ("temporal order", "sorted vs unsorted", "accuracy", (0.5, 1.0), FAILS),
+        ("mixed retention", "keep_ratio 0.5 vs 0", "ppl", (-5.0, -3.0), HOLDS),
+        ("mixed retention", "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), HOLDS),
+    ]
+
+
+def test_packaged_seed_data():
+    seed = load_seed()
+    assert seed["setup"].startswith("EleutherAI/pythia-70m-deduped on PG-19")
+    assert [t["kind"] for t in seed["tables"]] == ["strategies", "grid", "strategies"]
+    assert seed["tables"][1]["seed"][0.4]["keep_low"] == {"ppl": 49.59, "accuracy": 0.3466}  # SUMMARY.md: 49.59, 34.66%
+    assert len(seed["claims"]) == 9 and len({c["claim"] for c in seed["claims"]}) == 9
+    assert rule_lines(seed) == [
+        "Best keep_ratio: the best keep_low run inside the claimed range vs the best one outside it (PPL).",
+        "Memory saving is deterministic: it holds within +-1 percentage point of the claim.",
+    ]
+
+
+def test_bad_seed_files(tmp_path):
+    path = tmp_path / "seed.yaml"
+    path.write_text("setup: x\ntables: []\nfigures: {}\nclaims:\n  - {claim: c, kind: guess}\n")
+    with pytest.raises(ConfigError, match="unknown kind 'guess'; choose one of paired, best_in_range, value"):
+        load_seed(path)
+    path.write_text("setup: x\nclaims: []\n")
+    with pytest.raises(ConfigError, match="missing top-level key 'tables'"):
+        load_seed(path)

@@ -1,0 +1,90 @@
+"""results/summary.md: the same numbers as the pre-report code wrote from the same CSVs, any
+experiment or task in a generic section, thin scripts, and a light import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from report_data import V1, results_dir
+
+from knormpress.report.runs import read_results
+from knormpress.report.summary import summary_markdown
+
+ROOT = Path(__file__).parents[1]
+GENERIC = "\n## Runs per experiment\n"
+
+
+def test_v1_results_give_the_v1_summary_plus_the_runs_section():
+    text = summary_markdown(*read_results(V1))
+    before, runs_section = text.split(GENERIC)
+    assert before == (V1 / "summary.md").read_text()  # written by the code this package replaced
+    assert [line for line in runs_section.splitlines() if line.startswith("### ")] == [
+        "### `ablations`", "### `keep_ratio`", "### `strategies`"]
+    assert ("| 4de27c56 | sinks | 4 | 41.88 [33.55, 64.87] | 0.3518 [0.3021, 0.3775] | 38.69 | 0.3599 | "
+            "8.268 [4.772, 11.74] | -2.254 [-2.790, -1.565] | 3 | 8997 |") in runs_section
+    assert "| a4cff221 | baseline | — | 38.69 [31.14, 58.05] |" in runs_section
+    assert ("task not recorded; compressed runs share keep_ratio=0.5, fix_kv_size=512, sort_by_time=True, "
+            "skip_layers=[0, 1].") in runs_section
+
+
+def test_other_tasks_and_unknown_strategies_appear(tmp_path):
+    runs, texts = read_results(results_dir(tmp_path))
+    text = summary_markdown(runs, texts)
+    assert "- `qa_exp`: tiny on quiz, ? texts, ? predicted tokens per run; 3 runs; engine ; git " in text
+    section = text.split("### `qa_exp`")[1]
+    assert section.splitlines()[2:8] == [
+        "tiny on quiz, ? texts, ? predicted tokens per run; task qa.",
+        "",
+        "| run | strategy | keep_ratio | exact_match | f1 |",
+        "|---|---|---|---|---|",
+        "| q-base | baseline | — | 0.7000 [0.6000, 0.8000] | 0.3500 |",
+        "| q-snap3 | snapkv | 0.3 | 0.4500 | 0.2000 |",
+    ]
+    assert "| q-snap5 | snapkv | 0.5 | 0.5000 [0.4000, 0.6000] | 0.2500 |" in section
+    table_1 = text.split("## Table 1")[1].split("## Table 2")[0]
+    assert "| snapkv | 50.00 | — | 30.00 | — | +29.2 | — | -16.6 | — |" in table_1  # after the seed's rows
+    assert table_1.index("| sinks |") < table_1.index("| snapkv |")
+    v1_claims = summary_markdown(*read_results(V1)).split("## Seed claims")[1].split("## Table 1")[0]
+    assert text.split("## Seed claims")[1].split("## Table 1")[0] == v1_claims
+
+
+def test_a_results_folder_of_another_task_only(tmp_path):
+    text = summary_markdown(*read_results(results_dir(tmp_path, v1=False)))
+    assert "| memory saving 83% (3000 -> 512 tokens) | 83% | no runs | not measurable |" in text
+    assert "| baseline | — | 47.04 | — | 35.66 | — | — | — | — |" in text and "### `qa_exp`" in text
+
+
+def test_make_summary_script_writes_where_told(tmp_path):
+    out = tmp_path / "summary.md"
+    done = subprocess.run([sys.executable, "scripts/make_summary.py", "--results", str(V1), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == summary_markdown(*read_results(V1))
+    done = subprocess.run([sys.executable, "scripts/make_summary.py", "--results", str(tmp_path / "none")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: no exported runs in")
+
+
+def test_report_modules_load_without_torch_or_mlflow():
+    code = ("import sys, knormpress.report.runs, knormpress.report.summary, knormpress.report.figures; "
+            "print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_dvc_pipeline_wires_exports_into_plots():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    exported = set()
+    for name in ("strategies", "keep_ratio", "ablations"):
+        assert f"experiment={name}" in stages[name]["cmd"] and f"--experiment {name}" in stages[name]["cmd"]
+        exported |= {next(iter(o)) if isinstance(o, dict) else o for o in stages[name]["outs"]}
+    deps = set(stages["plots"]["deps"])
+    assert exported <= deps and "src/knormpress/report" in deps
+    assert all((ROOT / d).exists() for d in deps)
+    outs = {next(iter(o)) for o in stages["plots"]["outs"]}
+    assert {f"results/{f}.png" for f in ("strategy_comparison", "keep_ratio_analysis", "ppl_accuracy_tradeoff",
+                                          "improvement_summary")} | {"results/summary.md"} == outs
