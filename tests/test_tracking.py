@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from knormpress.tracking import Tracker, git_tags, resolve_uri, retry
+from knormpress.tracking import Tracker, git_tags, resolve_uri, retry, tags
 
 
 @pytest.fixture
@@ -50,29 +50,29 @@ def test_experiment_and_artifacts_live_next_to_the_database(tracker, tmp_path):
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt, SystemExit])
 def test_a_run_never_stays_running(tracker, error):
     with pytest.raises(error):
-        with tracker.run("r", {"k": "v"}):
+        with tracker.run("r", tags(config_hash="v")):
             raise error()
-    (run,) = tracker.search({"k": "v"}, status="FAILED")
+    (run,) = tracker.search({"config_hash": "v"}, status="FAILED")
     assert run.info.end_time is not None
 
 
 def test_search_scopes_and_newest_first(tracker):
     other = Tracker(tracker.uri, "other")
     for t in (tracker, other, other):
-        with t.run("r", {"key": "k"}):
+        with t.run("r", tags(baseline_key="k")):
             pass
-    assert len(tracker.search({"key": "k"})) == 1
-    found = tracker.search({"key": "k"}, everywhere=True)
+    assert len(tracker.search({"baseline_key": "k"})) == 1
+    found = tracker.search({"baseline_key": "k"}, everywhere=True)
     assert len(found) == 3 and found[0].info.start_time >= found[-1].info.start_time
 
 
 def test_reap_fails_runs_of_dead_processes_only(tracker):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tracker.start("stale", {"key": "k"})
+    stale = tracker.start("stale", tags(baseline_key="k"))
     tracker.client.set_tag(stale, "knormpress.pid", str(dead.pid))
-    alive = tracker.start("alive", {"key": "k"})
-    tracker.reap({"key": "k"})
+    alive = tracker.start("alive", tags(baseline_key="k"))
+    tracker.reap({"baseline_key": "k"})
     assert tracker.client.get_run(stale).info.status == "FAILED"
     assert tracker.client.get_run(alive).info.status == "RUNNING"
 
@@ -110,3 +110,10 @@ def test_plain_client_reads_what_we_wrote(tracker):
     client = MlflowClient(tracker.uri)
     (run,) = client.search_runs([tracker.experiment_id], "tags.`knormpress.role` = 'baseline'")
     assert run.info.status == "FINISHED"
+
+
+def test_tags_follow_the_one_schema():
+    assert tags(role="baseline", sweep=None, parent="abc", git_dirty="true") == {
+        "knormpress.role": "baseline", "mlflow.parentRunId": "abc", "git.dirty": "true"}
+    with pytest.raises(KeyError):
+        tags(rol="baseline")

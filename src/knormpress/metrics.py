@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -42,6 +41,8 @@ class EvalResult:
 
 def pooled(results: Sequence[EvalResult]) -> tuple[float, float]:
     """PPL = exp(mean NLL over all predicted tokens of all texts); accuracy likewise pooled."""
+    import torch  # here, so the report (which uses the bootstrap below) starts without torch
+
     nll = torch.cat([r.nll.double() for r in results])
     correct = torch.cat([r.correct.double() for r in results])
     return math.exp(nll.mean().item()), correct.mean().item()

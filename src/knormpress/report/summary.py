@@ -106,8 +106,11 @@ def seed_tables(runs: pd.DataFrame, seed: dict | None = None) -> list[tuple[str,
         where = f"experiment `{name}`" if name else f"not run, no preset uses keep_ratio {ratio:g}"
         note = f"seed: {spec['note']}; ours: " if "note" in spec else ""
         exp = by_exp.get(name, runs.iloc[:0])
-        table = (grid_table(exp, spec["strategies"], spec["seed"]) if spec["kind"] == "grid"
-                 else strategy_table(exp, ratio, spec["seed"]))
+        if spec["kind"] == "grid":  # no strategies named: every compressed one
+            strategies = spec.get("strategies") or sorted(select(exp).strategy.dropna().unique())
+            table = grid_table(exp, strategies, spec["seed"])
+        else:
+            table = strategy_table(exp, ratio, spec["seed"])
         out.append((f"Table {number}: {spec['title']} ({note}{where})", exp, table))
     return out
 
