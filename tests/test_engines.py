@@ -2,7 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from knormpress import Compression, ConfigError, evaluate
+from knormpress import Compression, ConfigError, evaluate, fix_size_l2_compress
+
+from conftest import tiny_model
 
 
 def test_baseline_equals_one_plain_forward(model, text_ids):
@@ -56,3 +58,49 @@ def test_streaming_returns_the_compressed_cache_it_ends_with(model, text_ids):
     assert lengths == [99] + [32] * (len(lengths) - 1)  # the last token is never read: nothing predicts from it
     assert out.kv_tokens[-1].item() == sum(lengths) / len(lengths)
     assert run_engine(model, text_ids[:100], Compression(fix_kv_size=32), engine="masked").cache is None
+
+
+# Gemma 3 shape: sliding-window layers (window 16) between full ones; 300 tokens put most keys outside a window.
+GEMMA_ENGINES = ("masked", "streaming")
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return tiny_model("gemma3")
+
+
+@pytest.mark.parametrize("engine", GEMMA_ENGINES)
+def test_uncompressed_engines_equal_the_plain_forward_on_gemma3(gemma3, text_ids, engine):
+    """Each engine reproduces transformers' own forward pass, sliding windows included."""
+    from knormpress import run_engine
+
+    with torch.no_grad():
+        plain = gemma3(text_ids[None]).logits[0, :-1].float()
+    out = run_engine(gemma3, text_ids, None, engine=engine)
+    assert (out.logits - plain).abs().max() <= 1e-5
+    window = gemma3.config.sliding_window
+    held = torch.arange(1, 300, dtype=torch.float64)  # layers 0, 2 slide: they hold at most window - 1 = 15 tokens
+    assert torch.equal(out.kv_tokens, (2 * held + 2 * held.clamp(max=window - 1)) / 4)
+
+
+def test_the_budget_applies_to_full_layers_only(gemma3, text_ids):
+    """A sliding layer already holds at most its window: never compressed, never counted against the budget."""
+    from knormpress import run_engine
+
+    c = Compression(fix_kv_size=32, keep_ratio=0.5, skip_layers=[])
+    out = run_engine(gemma3, text_ids[:100], c, engine="streaming")
+    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [15, 32, 15, 32]
+    assert [hasattr(layer, "knorm_positions") for layer in out.cache.layers] == [False, True, False, True]
+    assert out.kv_tokens[-1].item() == (15 + 32 + 15 + 32) / 4
+    masked = run_engine(gemma3, text_ids[:100], c, engine="masked")
+    assert torch.equal(masked.kv_tokens, out.kv_tokens) and torch.equal(masked.kv_bytes, out.kv_bytes)
+    assert (masked.logits - out.logits).abs().max() <= 1e-4
+
+
+def test_library_compression_leaves_sliding_layers_alone(gemma3, text_ids):
+    with torch.no_grad():
+        cache = gemma3(text_ids[None, :100], use_cache=True).past_key_values
+    before = [layer.keys.clone() for layer in cache.layers]
+    fix_size_l2_compress(cache, fix_kv_size=32, skip_layers=[])
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [15, 32, 15, 32]
+    assert torch.equal(cache.layers[0].keys, before[0]) and torch.equal(cache.layers[2].keys, before[2])

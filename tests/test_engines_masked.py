@@ -11,7 +11,7 @@ from knormpress.engines import pick_engine
 from transformers import DynamicCache
 
 from knormpress.compression import CacheCompressor
-from knormpress.engines import masked
+from knormpress.engines import masked, streaming
 from knormpress.engines.masked import BLOCK, evaluate_masked, masked_attention
 from knormpress.engines.streaming import evaluate_streaming
 from knormpress.eviction import expiry
@@ -119,3 +119,69 @@ def test_masked_equals_streaming_on_smollm2(smollm2, gutenberg_ids, monkeypatch)
     target = ids[1:]
     assert torch.equal(streamed.argmax(-1) == target, masked_logits.argmax(-1) == target)
     assert (streamed - masked_logits).abs().max() <= 1e-4
+
+
+# The equivalence standard on a tiny Gemma 3 (sliding-window layers 0, 2 with window 16, full layers 1, 3):
+# float64, logits to 1e-4, identical held memory and kept sets, over static strategies x keep_ratio x skip x sinks.
+GEMMA_GRID = [(s, kr, skip, sink) for s, kr, skip, sink in itertools.product(STATIC, [0.0, 0.5, 1.0], [(), (0, 1)], [0, 4])
+              if not (s == "sinks" and sink == 0)]
+
+
+@pytest.fixture(scope="module")
+def gemma3_f64():
+    return tiny_model("gemma3").double()
+
+
+def check_gemma3(model, ids, strategy, keep_ratio, skip, n_sink, monkeypatch):
+    """At every step the streaming cache of each compressed (full) layer holds exactly the keys the
+    one-pass engine leaves visible to the next query, and each sliding layer its last window - 1 keys."""
+    c = Compression(seeded(strategy, 5), 64, keep_ratio, list(skip), n_sink=n_sink)
+    windows = masked.cache_windows(model)
+    compressed = [l for l, w in enumerate(windows) if w is None and l not in c.skip_layers]
+    expiries, steps = [], []
+
+    def spy(scores, budget):  # called for the compressed layers, in layer order
+        expiries.append(expiry(scores, budget)[0])
+        return expiry(scores, budget)
+
+    class Recorder(CacheCompressor):
+        def __call__(self, cache, *args):
+            super().__call__(cache, *args)
+            steps.append([(getattr(l, "knorm_length", None), getattr(l, "knorm_positions", None), l.keys.shape[-2])
+                          for l in cache.layers])
+            return cache
+
+    monkeypatch.setattr(masked, "expiry", spy)
+    monkeypatch.setattr(streaming, "CacheCompressor", Recorder)
+    a, b = logits_both(model, ids, c)  # also asserts identical held tokens and bytes
+    assert (a - b).abs().max() <= 1e-4
+    assert len(expiries) == len(compressed) and len(steps) == len(ids) - c.fix_kv_size
+    for q, layers in enumerate(steps, start=c.fix_kv_size):  # the cache as query q starts
+        for layer, (seen, positions, length) in enumerate(layers):
+            if windows[layer] is not None:
+                assert length == min(q, windows[layer] - 1)
+            elif layer in compressed and seen is not None:
+                assert seen == q
+                sees = visible(expiries[compressed.index(layer)], torch.tensor([q]))[:, 0, :q]
+                assert torch.equal(torch.zeros_like(sees).scatter_(1, positions[0], True), sees), (q, layer)
+            else:
+                assert length == q
+
+
+@pytest.mark.parametrize("strategy,keep_ratio,skip,n_sink", GEMMA_GRID[::9])
+def test_masked_equals_streaming_on_gemma3(gemma3_f64, text_ids, strategy, keep_ratio, skip, n_sink, monkeypatch):
+    check_gemma3(gemma3_f64, text_ids, strategy, keep_ratio, skip, n_sink, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,keep_ratio,skip,n_sink", GEMMA_GRID)
+def test_masked_equals_streaming_on_gemma3_whole_grid(gemma3_f64, text_ids, strategy, keep_ratio, skip, n_sink, monkeypatch):
+    check_gemma3(gemma3_f64, text_ids, strategy, keep_ratio, skip, n_sink, monkeypatch)
+
+
+def test_a_window_the_cache_does_not_know_is_refused(text_ids):
+    """Held memory is what transformers' cache holds, so the attention's window must be the cache's."""
+    model = tiny_model("gemma3", layers=2)
+    model.model.layers[1].self_attn.sliding_window = 8  # layer 1 is a full layer in the config and the cache
+    with pytest.raises(ConfigError, match="layer 1 attends with sliding_window=8 but transformers' cache"):
+        evaluate(model, text_ids[:40], engine="masked")

@@ -1,4 +1,4 @@
-"""The MLflow UI server reads our sqlite store: runs are found through its REST search API."""
+"""The MLflow UI server reads our sqlite store: what a person browsing `mlflow ui` sees, through its REST API."""
 
 import json
 import os
@@ -7,12 +7,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from knormpress.tracking import Tracker, resolve_uri
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -27,18 +32,20 @@ def post(url: str, body: dict) -> dict:
         return json.load(response)
 
 
-@pytest.mark.slow
-def test_mlflow_ui_finds_our_runs(tmp_path):
-    tracker = Tracker(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path), "strategies")
-    for strategy, ppl in (("keep_low", 20.0), ("random", 22.0)):
-        with tracker.run(f"{strategy} r=0.5", {"knormpress.role": "compressed", "knormpress.strategy": strategy}) as run_id:
-            tracker.log(run_id, {"compress.strategy": strategy}, {"ppl": ppl, "delta_ppl_pct": 5.0}, {}, [])
+def get(url: str, **query: str) -> dict:
+    with urllib.request.urlopen(f"{url}?{urllib.parse.urlencode(query)}", timeout=10) as response:
+        return json.load(response)
+
+
+@contextmanager
+def mlflow_ui(db: Path) -> Iterator[str]:
+    """`mlflow ui` on a free loopback port over `db`; yields its base URL and always stops it."""
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen(
-        [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=db.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -51,11 +58,7 @@ def test_mlflow_ui_finds_our_runs(tmp_path):
                 assert server.poll() is None, "mlflow ui exited early"
                 assert time.monotonic() < deadline, "mlflow ui did not come up within 180 s"
                 time.sleep(1)
-        query = "tags.`knormpress.role` = 'compressed' and metrics.ppl < 21"
-        found = post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [tracker.experiment_id], "filter": query})
-        (run,) = found["runs"]
-        assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "keep_low r=0.5"
-        assert {"key": "compress.strategy", "value": "keep_low"} in run["data"]["params"]
+        yield base
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers, all started here
         try:
@@ -63,3 +66,55 @@ def test_mlflow_ui_finds_our_runs(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_finds_our_runs(tmp_path):
+    tracker = Tracker(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path), "strategies")
+    for strategy, ppl in (("keep_low", 20.0), ("random", 22.0)):
+        with tracker.run(f"{strategy} r=0.5", {"knormpress.role": "compressed", "knormpress.strategy": strategy}) as run_id:
+            tracker.log(run_id, {"compress.strategy": strategy}, {"ppl": ppl, "delta_ppl_pct": 5.0}, {}, [])
+    with mlflow_ui(tmp_path / "mlflow.db") as base:
+        query = "tags.`knormpress.role` = 'compressed' and metrics.ppl < 21"
+        found = post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [tracker.experiment_id], "filter": query})
+        (run,) = found["runs"]
+        assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "keep_low r=0.5"
+        assert {"key": "compress.strategy", "value": "keep_low"} in run["data"]["params"]
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_a_fresh_sweep_as_ml_runs_with_datasets_curves_and_a_comparison(tmp_path):
+    """`python run.py -m compress.keep_ratio=0.3,0.5` on a tiny model, then what the UI's REST API serves."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(2):
+        (texts / f"book{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 13}" for j in range(60)))
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "compress.keep_ratio=0.3,0.5", "model=tiny_random", "dataset=local_text",
+           f"dataset.path={texts}", "eval.max_tokens=250", "eval.n_samples=2", "compress.fix_kv_size=32", "eval.n_boot=100",
+           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=ui", f"cache={tmp_path}/cache",
+           f"hydra.sweep.dir={tmp_path}/sweep"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    with mlflow_ui(tmp_path / "mlflow.db") as base:
+        api = f"{base}/api/2.0/mlflow"
+        experiment = get(f"{api}/experiments/get-by-name", experiment_name="ui")["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+        found = post(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in found]
+        (parent,) = [r for r, t in zip(found, tags) if "knormpress.role" not in t]
+        children = [r for r, t in zip(found, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+        assert parent["info"]["run_name"].startswith("compress.keep_ratio=0.3,0.5 @ ") and len(children) == 3
+
+        for child in children:  # the baseline and the two compressed runs
+            (given,) = child["inputs"]["dataset_inputs"]
+            dataset = given["dataset"]
+            assert (dataset["name"], dataset["source_type"], json.loads(dataset["source"])) == ("texts", "local", {"uri": str(texts)})
+            assert json.loads(dataset["profile"]) == {"texts": 2, "tokens": 500} and len(dataset["digest"]) == 16
+            curve = get(f"{api}/metrics/get-history", run_id=child["info"]["run_id"], metric_key="curve/nll_by_position")["metrics"]
+            assert sorted(m["step"] for m in curve) == [0, 100, 200]  # positions 1-99, 100-199, 200-249
+            note = {t["key"]: t["value"] for t in child["data"]["tags"]}["mlflow.note.content"]
+            assert note.startswith(child["info"]["run_name"] + ": ppl ")
+
+        files = get(f"{api}/artifacts/list", run_id=parent["info"]["run_id"])["files"]
+        assert [f["path"] for f in files] == ["comparison.png"] and int(files[0]["file_size"]) > 1000

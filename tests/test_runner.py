@@ -1,5 +1,6 @@
 """The runner end to end on a tiny random model: resume, failures, the shared baseline, the CLI, launchers."""
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from knormpress.config import CONF_DIR
+from knormpress.report.runs import load_runs
 from knormpress.runner import Job, cli, run_job
 from knormpress.sources.models import load_model
 from knormpress.tracking import Tracker, resolve_uri
@@ -137,6 +139,28 @@ def test_compress_none_is_the_baseline_and_force_reruns(args, tmp_path):
     assert tags["git.dirty"] in ("true", "false") and "knormpress.sweep" not in tags
 
 
+def test_a_run_logs_its_texts_curves_and_one_line_result(args, tmp_path, texts):
+    job(args, tmp_path)
+    (run,) = runs(tmp_path, role="compressed")
+    client = MlflowClient(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path))
+    (given,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.source_type) == (texts.name, "local")
+    assert json.loads(given.dataset.source) == {"uri": str(texts)} and json.loads(given.dataset.profile) == {"texts": 2, "tokens": 240}
+    assert given.dataset.digest == run.data.tags["knormpress.samples_hash"]
+    curve = client.get_metric_history(run.info.run_id, "curve/nll_by_position")
+    assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [0, 100]  # positions 1-99 and 100-119
+    assert run.data.tags["mlflow.note.content"].startswith("keep_low r=0.5: ppl ")
+    assert not [c for c in load_runs("knormpress", resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)).columns
+                if c.startswith("curve/")]  # the export's columns are results, not the last point of a curve
+
+
+def test_a_sweep_whose_jobs_are_all_skipped_logs_no_parent(args, tmp_path, monkeypatch):
+    job(args, tmp_path)
+    job(args, tmp_path, "compress.keep_ratio=0.25")
+    assert cli_exit(["-m", *args, "compress.keep_ratio=0.25,0.5", f"hydra.sweep.dir={tmp_path}/sweep"], monkeypatch) == 0
+    assert len(runs(tmp_path)) == 3 and all("knormpress.role" in r.data.tags for r in runs(tmp_path))
+
+
 def test_without_tracking_nothing_is_logged(args, tmp_path):
     (tmp_path / "mlflow.db").unlink()
     metrics = job(args, tmp_path, "tracking=disabled")
@@ -163,10 +187,10 @@ def cli_exit(argv: list[str], monkeypatch) -> int:
 @pytest.mark.parametrize(
     "bad,reason",
     [
-        ("compress=keep_lo", "error: unknown compress 'keep_lo'; choose one of keep_high, keep_low, none, random"),
-        ("compress.strategy.name=keep_lo", "error: unknown strategy 'keep_lo'; choose one of keep_high, keep_low"),
+        ("compress=keep_lo", "error: unknown compress 'keep_lo'; choose one of "),  # the choices grow: not spelled out here
+        ("compress.strategy.name=keep_lo", "error: unknown strategy 'keep_lo'; choose one of "),
         ("compress.keep_ratio=1.5", "error: keep_ratio must lie in [0, 1], got 1.5"),
-        ("model=nonexistent", "error: unknown model 'nonexistent'; choose one of pythia_70m, smollm2_135m, tiny_random"),
+        ("model=nonexistent", "error: unknown model 'nonexistent'; choose one of "),
     ],
 )
 def test_bad_config_exits_nonzero_with_one_line(bad, reason, args, tmp_path, monkeypatch, capsys):
@@ -201,6 +225,9 @@ def test_two_job_multirun_end_to_end(args, tmp_path):
     (parent,) = [r for r in runs(tmp_path) if "knormpress.role" not in r.data.tags]
     children = runs(tmp_path, role="compressed") + runs(tmp_path, role="baseline")
     assert parent.info.status == "FINISHED" and len(children) == 3
+    assert parent.info.run_name.startswith("compress.keep_ratio=0.3,0.5 @ ")
+    client = MlflowClient(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path))
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["comparison.png"]
     for run in children:
         assert run.info.status == "FINISHED" and METRICS <= set(run.data.metrics)
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -254,3 +281,27 @@ def test_sigterm_ends_the_open_run_failed(args, tmp_path):
             proc.kill()
             proc.wait()
     assert status(tmp_path) == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_is_marked_failed_by_the_next_start(args, tmp_path):
+    """SIGKILL runs no handler: the parent and the open child stay RUNNING until the next job on this host reaps them."""
+    stuck = ("import sys, time, knormpress.runner as r, knormpress.tasks.lm as lm; lm.evaluate = lambda *a, **k: time.sleep(600); "
+             "sys.argv = sys.argv[:1] + sys.argv[2:]; r.cli()")
+    cmd = [sys.executable, "-c", stuck, "--", "-m", *args, "compress.keep_ratio=0.3,0.5", f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while status(tmp_path) != ["RUNNING", "RUNNING"]:  # the parent and the baseline it is measuring
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.5)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (parent,) = [r for r in runs(tmp_path) if "knormpress.role" not in r.data.tags]
+    assert parent.info.status == "RUNNING" and parent.data.tags["knormpress.pid"] == str(proc.pid)
+    job(args, tmp_path, "compress=none")
+    assert status(tmp_path) == ["FAILED", "FAILED", "FINISHED"]  # parent and baseline reaped, a new baseline measured

@@ -9,7 +9,7 @@ import torch
 
 from knormpress.errors import ConfigError
 from knormpress.sources import ByteTokenizer, Document, iter_documents, load_samples, select_samples, strip_gutenberg
-from knormpress.sources.texts import gutenberg_title
+from knormpress.sources.texts import gutenberg_title, leading_specials
 
 BODY = "ACT I.\n\nScene I. A heath.\n\nThunder and lightning. Enter three Witches.\n\nWhen shall we three meet again?"
 
@@ -98,6 +98,65 @@ def test_local_text_folder_and_glob(tmp_path):
     assert [d.id for d in docs] == ["a", "b"]
 
 
+# A current Project Gutenberg file: header with metadata, start marker, body, end marker, full licence.
+MODERN_FILE = f"""The Project Gutenberg eBook of Macbeth
+
+This ebook is for the use of anyone anywhere in the United States and
+most other parts of the world at no cost and with almost no restrictions
+whatsoever.
+
+Title: Macbeth
+
+Author: William Shakespeare
+
+Release date: November 1, 1998 [eBook #1533]
+
+*** START OF THE PROJECT GUTENBERG EBOOK MACBETH ***
+
+{BODY}
+
+*** END OF THE PROJECT GUTENBERG EBOOK MACBETH ***
+
+Updated editions will replace the previous one--the old editions will
+be renamed.
+
+START: FULL LICENSE
+
+THE FULL PROJECT GUTENBERG LICENSE
+PLEASE READ THIS BEFORE YOU DISTRIBUTE OR USE THIS WORK
+"""
+
+# The 2002 small-print variant ("*END THE SMALL PRINT!" with a space), with a transcriber's note first.
+SMALL_PRINT_2002 = f"""Transcribed from the 1623 First Folio.
+
+The Project Gutenberg EBook of Macbeth, by William Shakespeare
+
+Title: Macbeth, Prince of Scotland
+
+*** START: FULL LICENSE ***
+*END THE SMALL PRINT! FOR PUBLIC DOMAIN EBOOKS*Ver.02/11/02*END*
+
+{BODY}
+
+End of Project Gutenberg's Macbeth, by William Shakespeare
+"""
+
+
+def test_local_text_strips_gutenberg_files_and_leaves_other_texts_untouched(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    mine = "My own notes on Macbeth.\n\nI read it in a Project Gutenberg ebook; these notes are not one.\n\n"
+    for name, text in [("modern", MODERN_FILE), ("small_print", SMALL_PRINT), ("small_print_2002", SMALL_PRINT_2002), ("notes", mine)]:
+        (folder / f"{name}.txt").write_text(text)
+    docs = {d.id: d for d in iter_documents("local_text", path=str(folder), cache=tmp_path)}
+    assert {k: (d.title, d.text) for k, d in docs.items()} == {
+        "modern": ("Macbeth", BODY),
+        "small_print": ("The Tragedy of Macbeth", BODY),
+        "small_print_2002": ("Macbeth, Prince of Scotland", BODY),
+        "notes": ("notes", mine),
+    }
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_local_text_tables(tmp_path, monkeypatch, suffix):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -155,6 +214,21 @@ def test_start_offset_window():
     texts = {d.id: d.text for d in LIBRARY}
     for sample in select(start_offset=37, max_tokens=50):
         assert sample.input_ids.tolist() == TOK.encode(texts[sample.id])[37:87]
+
+
+class BosTokenizer(ByteTokenizer):
+    """Puts <bos> (id 2) before every text, as Gemma's tokenizer does."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [2] * add_special_tokens + super().encode(text)
+
+
+def test_a_window_starts_with_what_the_tokenizer_puts_before_a_text():
+    texts = {d.id: d.text for d in LIBRARY}
+    samples = select_samples(LIBRARY, BosTokenizer(512), n_samples=4, max_tokens=50, start_offset=37)
+    for sample in samples:
+        assert sample.input_ids.tolist() == [2] + TOK.encode(texts[sample.id])[37:86]
+    assert leading_specials(BosTokenizer(512)) == [2] and leading_specials(TOK) == []
 
 
 def test_too_few_long_texts(caplog):

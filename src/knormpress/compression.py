@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from knormpress.errors import ConfigError
 from knormpress.eviction import Budget, select
@@ -83,17 +83,33 @@ class CacheCompressor:
     def __init__(self, compression: Compression) -> None:
         self.compression = compression
 
-    def __call__(self, cache: DynamicCache) -> DynamicCache:
+    def __call__(self, cache: DynamicCache, attention: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+        """Prune every compressed layer of `cache` to the budget. `attention`: per layer, the last
+        query's weights and the weights summed since the last call (the engine records them for
+        strategies with `needs_attention`); their running sum is kept on the layer."""
         layers = _dynamic_layers(cache)
         c = self.compression
         if layers:  # a fresh DynamicCache() grows its layers lazily
             c.check_layers(len(layers))
         for idx, layer in enumerate(layers):
-            if idx in c.skip_layers or not layer.is_initialized or layer.keys.shape[-2] <= c.fix_kv_size:
+            if idx in c.skip_layers or layer.is_sliding or not layer.is_initialized:
+                continue  # a sliding-window layer already holds at most its window
+            last, total = (attention or {}).get(idx, (None, None))
+            if total is not None:
+                total = _accumulate(getattr(layer, "knorm_attention_sum", None), total)
+                layer.knorm_attention_sum = total
+            if layer.keys.shape[-2] <= c.fix_kv_size:
                 continue
+            if c.strategy.needs_attention and total is None:
+                raise ConfigError(
+                    f"strategy {c.strategy.name!r} scores tokens by the attention they receive, which a bare cache "
+                    "does not hold; run it through knormpress.evaluate or knormpress.run_engine"
+                )
             positions, length = _positions(layer)
-            scores = c.strategy.score(CacheView(layer.keys, positions, idx))
+            scores = c.strategy.score(CacheView(layer.keys, positions, idx, last, total))
             keep = select(scores, positions, length, c.budget, c.sort_by_time)
+            if total is not None:
+                layer.knorm_attention_sum = total.gather(-1, keep)
             layer.keys = layer.keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, layer.values.shape[-1]))
             layer.knorm_positions = positions.gather(-1, keep)
@@ -101,14 +117,22 @@ class CacheCompressor:
         return cache
 
 
+def _accumulate(previous: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """Attention received so far, aligned with the cache: tokens appended since the last call start at 0."""
+    if previous is None:
+        return new.clone()
+    return new + torch.nn.functional.pad(previous, (0, new.shape[-1] - previous.shape[-1]))
+
+
 def _dynamic_layers(cache: object) -> list[DynamicLayer]:
+    """The layers of a DynamicCache: full layers (compressed) and sliding-window ones (left to transformers)."""
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or not all(
-        isinstance(l, DynamicLayer) and not l.is_sliding for l in layers
+        type(l) in (DynamicLayer, DynamicSlidingWindowLayer) for l in layers
     ):
         raise ConfigError(
-            f"cannot compress a {type(cache).__name__}; pass a transformers DynamicCache with full "
-            "(non-sliding) layers, e.g. the `past_key_values` of model(..., use_cache=True)"
+            f"cannot compress a {type(cache).__name__}; pass a transformers DynamicCache with full or "
+            "sliding-window layers, e.g. the `past_key_values` of model(..., use_cache=True)"
         )
     return layers
 
@@ -134,7 +158,8 @@ def fix_size_l2_compress(
     `fix_size_l2_compress(cache, fix_kv_size=512, keep_ratio=0.5, strategy="keep_low", skip_layers=[0, 1])`.
     `keep_ratio` of the budget holds the most recent tokens, the rest goes to the older tokens
     the strategy scores best (see `knormpress.eviction` for the exact rule). Layers in
-    `skip_layers` stay whole. Call it again after each new token to keep the size fixed.
+    `skip_layers` stay whole, and sliding-window layers (Gemma 3's local layers) keep the window
+    transformers gives them. Call it again after each new token to keep the size fixed.
     """
     if compression is None:
         compression = Compression.from_dict(settings)

@@ -5,7 +5,10 @@ and the task's samples, finds (or computes and logs, once, under a lock) the unc
 for its model + task + samples + eval settings, runs its compression and logs what the task
 measured. The task (`knormpress.tasks`) decides the samples, records and metrics; the runner adds
 kv_{tokens,bytes}_{peak,mean} (mean over samples), memory_saving_pct, wall_s (time in the
-engines) and tokens_per_s. Artifacts: config.yaml, records.parquet, per_text.csv.
+engines) and tokens_per_s. Also logged: the task's curves (metric histories), its samples as the
+run's dataset input, the one-line result as the run's description. Artifacts: config.yaml,
+records.parquet, per_text.csv. The console gets one log line per run and, when progress is on,
+one bar per job over its texts (library loading bars only then too).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +37,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from knormpress.compression import Compression
 from knormpress.config import CONF_DIR, RunConfig, as_baseline, baseline_key, config_hash, flatten, validate
 from knormpress.errors import ConfigError, unknown
 from knormpress.sources.models import ModelBundle, load_model
 from knormpress.tasks import Task
-from knormpress.tracking import TAGS, Tracker, end_sweep, read_parent, resolve_uri, show_progress, sweep_dir, tags
+from knormpress.tracking import TAGS, Tracker, end_sweep, resolve_uri, show_progress, sweep_dir, sweep_parent, tags
 
 log = logging.getLogger("knormpress")
 RECORDS, PER_TEXT = "records.parquet", "per_text.csv"
@@ -80,14 +85,16 @@ class Context:
     tracker: Tracker | None
     bundle: ModelBundle
     samples: list
+    samples_hash: str
     labels: dict[str, str]  # tags every run of this job carries
+    bar: tqdm  # the job's progress over its texts (disabled when progress is off)
 
 
 def main(cfg: DictConfig) -> dict[str, float] | None:
     """Hydra task function."""
     job = Job.from_hydra()
-    try:
-        with _sigterm_raises():
+    try:  # with bars on, log lines are printed above them instead of through them
+        with _sigterm_raises(), logging_redirect_tqdm() if show_progress(bool(cfg.get("progress"))) else nullcontext():
             return run_job(cfg, job)
     except ConfigError as error:
         if not job.sweep:
@@ -105,26 +112,35 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
     rc, plain = validate(cfg)
     task, compression = rc.build_task(), rc.build_compression()
     tracker = Tracker(resolve_uri(rc.tracking.uri, job.cwd), rc.tracking.experiment) if rc.tracking.enabled else None
+    if tracker:  # runs (sweep parents too) that a killed process on this host left RUNNING end FAILED now
+        tracker.reap({}, everywhere=True)
     key = baseline_key(plain)
-    parent = read_parent(job.sweep) if tracker and job.sweep else None
-    labels = tags(baseline_key=key, experiment_preset=job.preset, sweep=job.sweep, parent=parent, task=task.name)
     if tracker and not rc.force and (done := _done(tracker, compression, plain, key)):
         log.info("skip %s: run %s already FINISHED with this config (force=true reruns it)", _name(compression), done.info.run_id)
         return None
 
-    bundle = load_model(rc.model, dtype=rc.eval.dtype, device=rc.eval.device, cache=rc.cache, seed=rc.eval.seed)
-    samples = task.samples(bundle, asdict(rc.dataset), rc.eval, rc.cache)
-    ctx = Context(rc, job, task, tracker, bundle, samples, labels)
-    with FileLock(str((job.sweep or Path(tempfile.gettempdir())) / f".knormpress-baseline-{key}.lock")):
-        # force distrusts everything logged before this command: reuse only a baseline of this sweep
-        baseline = None
-        if tracker and (parent or not rc.force):
-            baseline = _reuse_baseline(ctx, key, {"parent": parent} if rc.force else {})
-        if baseline is None:
-            baseline = _measure(ctx, as_baseline(plain), None, None, job.out_dir / ("" if compression is None else "baseline"))
-    if compression is None:
-        return baseline.metrics
-    return _measure(ctx, plain, compression, baseline, job.out_dir).metrics
+    parent = sweep_parent(job.sweep, tracker) if tracker and job.sweep else None  # created by the first job that runs
+    labels = tags(baseline_key=key, experiment_preset=job.preset, sweep=job.sweep, parent=parent, task=task.name)
+    progress = show_progress(rc.progress)
+    with _library_bars(progress):
+        bundle = load_model(rc.model, dtype=rc.eval.dtype, device=rc.eval.device, cache=rc.cache, seed=rc.eval.seed)
+        samples = task.samples(bundle, asdict(rc.dataset), rc.eval, rc.cache)
+    runs = 1 if compression is None else 2  # the baseline, unless reused, then the compressed run
+    with tqdm(total=runs * len(samples), desc=_name(compression), unit="text", disable=not progress, leave=False) as bar:
+        ctx = Context(rc, job, task, tracker, bundle, samples, _samples_hash(samples), labels, bar)
+        with FileLock(str((job.sweep or Path(tempfile.gettempdir())) / f".knormpress-baseline-{key}.lock")):
+            # force distrusts everything logged before this command: reuse only a baseline of this sweep
+            baseline = None
+            if tracker and (parent or not rc.force):
+                baseline = _reuse_baseline(ctx, key, {"parent": parent} if rc.force else {})
+            if baseline is None:
+                baseline = _measure(ctx, as_baseline(plain), None, None, job.out_dir / ("" if compression is None else "baseline"))
+            elif compression is not None:
+                bar.total = len(samples)
+                bar.refresh()
+        if compression is None:
+            return baseline.metrics
+        return _measure(ctx, plain, compression, baseline, job.out_dir).metrics
 
 
 def _done(tracker: Tracker, compression: Compression | None, plain: dict[str, Any], key: str):
@@ -141,7 +157,7 @@ def _reuse_baseline(ctx: Context, key: str, scope: dict[str, str]) -> Measured |
     run = ctx.tracker.finished({"role": "baseline", "baseline_key": key} | scope, everywhere=True)
     if run is None:
         return None
-    if run.data.tags.get(TAGS["samples_hash"]) != _samples_hash(ctx.samples):
+    if run.data.tags.get(TAGS["samples_hash"]) != ctx.samples_hash:
         log.warning("baseline run %s was measured on other tokens than these samples; measuring a new one", run.info.run_id)
         return None
     artifacts = {a.path for a in ctx.tracker.client.list_artifacts(run.info.run_id)}
@@ -159,24 +175,32 @@ def _measure(ctx: Context, plain: dict[str, Any], compression: Compression | Non
     strategy = plain["compress"]["strategy"]["name"]
     labels = ctx.labels | tags(role="baseline" if compression is None else "compressed", strategy=strategy,
                                config_hash=config_hash(plain))
-    progress = show_progress(rc.progress)
+    ctx.bar.set_description(name)
     with ctx.tracker.run(name, labels) if ctx.tracker else nullcontext() as run_id:
-        outcomes = [
-            ctx.task.run(ctx.bundle.model, s, compression, rc.eval.engine, progress)
-            for s in tqdm(ctx.samples, desc=f"{name}: samples", unit="sample", disable=not progress, leave=False)
-        ]
+        if ctx.tracker and (info := ctx.task.dataset_info(ctx.samples, asdict(rc.dataset))):
+            ctx.tracker.log_dataset(run_id, info, ctx.samples_hash)
+        outcomes = []
+        for sample in ctx.samples:
+            outcomes.append(ctx.task.run(ctx.bundle.model, sample, compression, rc.eval.engine, not ctx.bar.disable))
+            ctx.bar.update()
         records = pd.concat([o.records for o in outcomes], ignore_index=True)
         metrics = ctx.task.metrics(records, None if baseline is None else baseline.records, rc.eval.n_boot, rc.eval.seed)
         metrics |= _resources(outcomes, ctx.samples, baseline)
         files = _write_artifacts(out, plain, records, ctx.task.per_sample(records))
+        result = _result_line(name, ctx.task, metrics, ctx.samples)
         if ctx.tracker:
-            more = tags(engine=outcomes[0].engine, samples_hash=_samples_hash(ctx.samples),
-                        device=ctx.bundle.model.device, model=ctx.bundle.name)
+            more = tags(engine=outcomes[0].engine, samples_hash=ctx.samples_hash, device=ctx.bundle.model.device,
+                        model=ctx.bundle.name, description=result)
             ctx.tracker.log(run_id, flatten(plain), metrics, more, files)
-    log.info("%s: %s, kv %.0f tokens (%.0f%% less memory), %d samples in %.1f s%s", name, ctx.task.headline(metrics),
-             metrics["kv_tokens_peak"], metrics["memory_saving_pct"], len(ctx.samples), metrics["wall_s"],
-             f" [run {run_id}]" if run_id else "")
+            ctx.tracker.log_histories(run_id, ctx.task.histories(records))
+    log.info("%s%s", result, f" [run {run_id}]" if run_id else "")
     return Measured(records, metrics, run_id)
+
+
+def _result_line(name: str, task: Task, metrics: dict[str, float], samples: list) -> str:
+    """The run's one-line result: the console's log line and the MLflow run description."""
+    return (f"{name}: {task.headline(metrics)}, kv {metrics['kv_tokens_peak']:.0f} tokens "
+            f"({metrics['memory_saving_pct']:.0f}% less memory), {len(samples)} samples in {metrics['wall_s']:.1f} s")
 
 
 def _resources(outcomes: list, samples: list, baseline: Measured | None) -> dict[str, float]:
@@ -204,6 +228,26 @@ def _samples_hash(samples: list) -> str:
     for s in samples:
         digest.update(s.id.encode() + b"\0" + s.input_ids.numpy().astype(np.int64).tobytes())
     return digest.hexdigest()[:16]
+
+
+@contextmanager
+def _library_bars(show: bool) -> Iterator[None]:
+    """transformers' own bars (loading weights, Hub downloads, GGUF conversion) only when ours are
+    on: a log file or CI output gets the log lines, not a bar per model load."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+    from transformers.utils import logging as hf_logging
+
+    if show or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    converter_bar = gguf.tqdm
+    hf_logging.disable_progress_bar()
+    gguf.tqdm = partial(converter_bar, disable=True)  # transformers' GGUF converter calls tqdm directly
+    try:
+        yield
+    finally:
+        gguf.tqdm = converter_bar
+        hf_logging.enable_progress_bar()
 
 
 def _name(compression: Compression | None) -> str:

@@ -23,30 +23,85 @@ register = REGISTRY.register
 
 @dataclass
 class CacheView:
-    """What a strategy may look at for one layer: the cached keys as a set and their positions.
+    """What a strategy may look at for one layer, right after token t joined the cache.
 
-    keys: (batch, kv_heads, n, head_dim); positions: (batch, kv_heads, n) absolute positions.
-    Attention-based strategies get the step's attention over this cache as one more field here,
-    so no strategy's signature changes when they arrive.
+    keys: (batch, kv_heads, n, head_dim) the cached keys as a set; positions: (batch, kv_heads, n)
+    their absolute positions. For strategies with `needs_attention` the engines also fill
+    attention: (batch, q_heads, n) the attention of query t over the cache (itself included), and
+    attention_sum: (batch, kv_heads, n) the attention each cached token has received from every
+    query that saw it while it was cached, summed over the query heads of its KV group.
     """
 
     keys: torch.Tensor
     positions: torch.Tensor
     layer: int
+    attention: torch.Tensor | None = None
+    attention_sum: torch.Tensor | None = None
 
 
 @dataclass
 class Strategy:
     """Base class. `static` means a token's score never changes once its key exists, which is
-    what lets the masked engine replace the token-by-token loop with one forward pass."""
+    what lets the masked engine replace the token-by-token loop with one forward pass. A dynamic
+    strategy (static False) runs token by token or in the one-pass replay; it must score from the
+    view alone (this layer's keys and attention), never from another layer's state, for the replay
+    to stay exact (`replayable` False otherwise). `needs_attention`: the engines compute the
+    view's attention fields."""
 
     name: ClassVar[str]
     static: ClassVar[bool] = True
+    replayable: ClassVar[bool] = True
     needs_sinks: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
 
     def score(self, view: CacheView) -> torch.Tensor:
         """(batch, kv_heads, n) float32 scores for the cached tokens, higher = keep."""
         raise NotImplementedError
+
+
+@register
+@dataclass
+class H2O(Strategy):
+    """H2O, heavy hitters (Zhang et al. 2023): keep the tokens that have received the most
+    attention, summed over every query that saw them while they were cached (per KV head: the
+    sum over the query heads of its group)."""
+
+    name = "h2o"
+    static = False
+    needs_attention = True
+
+    def score(self, view):
+        return view.attention_sum.float()
+
+
+@register
+@dataclass
+class TOVA(Strategy):
+    """TOVA (Oren et al. 2024, transformers are multi-state RNNs): keep the tokens the current
+    query attends to most, averaged over the layer's heads, so every head keeps the same tokens."""
+
+    name = "tova"
+    static = False
+    needs_attention = True
+
+    def score(self, view):
+        mean = view.attention.float().mean(dim=1, keepdim=True)  # (batch, 1, n) over all query heads
+        return mean.expand(view.positions.shape)
+
+
+@register
+@dataclass
+class KeyDiff(Strategy):
+    """KeyDiff (Park et al. 2025): keep the keys least similar (cosine) to the mean of the keys in
+    the cache now; distinctive keys carry what the others do not."""
+
+    name = "keydiff"
+    static = False
+
+    def score(self, view):
+        keys = view.keys.float()
+        anchor = keys.mean(dim=-2, keepdim=True)
+        return -torch.nn.functional.cosine_similarity(keys, anchor, dim=-1)
 
 
 def get_strategy(spec: str | dict | Strategy) -> Strategy:
@@ -132,10 +187,12 @@ class Random(Strategy):
 @dataclass
 class RandomPerStep(Strategy):
     """The naive random press: a fresh random draw at every compression step. Old tokens then
-    survive with geometrically falling odds, unlike `random`; not static, streaming only."""
+    survive with geometrically falling odds, unlike `random`. Not static, and one generator
+    serves every layer in call order, so only the token-by-token engine reproduces it."""
 
     name = "random_per_step"
     static = False
+    replayable = False
     seed: int = 0
     generator: torch.Generator = field(init=False, repr=False, compare=False)
 

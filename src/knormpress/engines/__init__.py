@@ -1,8 +1,9 @@
 """Engines: run a model over one sequence under a compression and return logits and held memory.
 
 "streaming" reads token by token with a real cache (the reference); "masked" computes the same
-numbers in one forward pass for static strategies; "auto" picks the fastest exact one. Engines
-know nothing of metrics: tasks turn their logits into numbers.
+numbers in one forward pass by key expiry, for static strategies; "replay" in one forward pass
+in which each layer replays its own eviction, for any replayable strategy; "auto" picks the
+fastest exact one. Engines know nothing of metrics: tasks turn their logits into numbers.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from transformers import DynamicCache, PreTrainedModel
 
 from knormpress.compression import Compression
 from knormpress.engines.masked import evaluate_masked
+from knormpress.engines.replay import evaluate_replay
 from knormpress.engines.streaming import evaluate_streaming
 from knormpress.errors import ConfigError, choose
 
-ENGINES = ("auto", "masked", "streaming")
+ENGINES = ("auto", "masked", "replay", "streaming")
 
 
 @dataclass
@@ -26,8 +28,8 @@ class EngineOutput:
     """logits: (T-1, vocab) float32, row q predicts token q+1. kv_tokens, kv_bytes: (T-1,) the cache
     held when each query q = 1..T-1 starts (tokens per layer and KV head averaged over layers;
     bytes of keys + values over all layers). cache: the compressed cache
-    after tokens 0..T-2 (the last token is only a target); streaming only, the one-pass engine never
-    builds one."""
+    after tokens 0..T-2 (the last token is only a target), from streaming and replay; the masked
+    engine never builds one."""
 
     logits: torch.Tensor
     kv_tokens: torch.Tensor
@@ -46,13 +48,16 @@ def pick_engine(engine: str, compression: Compression | None) -> str:
     """Resolve "auto", and refuse "masked" where it would not be exact."""
     choose("engine", engine, ENGINES)
     static = compression is None or compression.strategy.static
+    replayable = compression is None or compression.strategy.replayable
+    name = None if compression is None else compression.strategy.name
     if engine == "masked" and not static:
-        raise ConfigError(
-            f"strategy {compression.strategy.name!r} re-scores tokens at every step, so engine='masked' cannot "
-            "reproduce it; use engine='streaming' or 'auto'"
-        )
+        raise ConfigError(f"strategy {name!r} re-scores tokens at every step, so engine='masked' cannot reproduce it; "
+                          "use engine='replay', 'streaming' or 'auto'")
+    if engine == "replay" and not replayable:
+        raise ConfigError(f"strategy {name!r} keeps state across layers, so engine='replay' cannot reproduce it; "
+                          "use engine='streaming' or 'auto'")
     if engine == "auto":
-        return "masked" if static else "streaming"
+        return "masked" if static else "replay" if replayable else "streaming"
     return engine
 
 
@@ -74,6 +79,8 @@ def run_engine(
     cache = None
     if engine == "masked":
         logits, tokens, nbytes = evaluate_masked(model, ids, compression)
+    elif engine == "replay":
+        logits, tokens, nbytes, cache = evaluate_replay(model, ids, compression)
     else:
         logits, tokens, nbytes, cache = evaluate_streaming(model, ids, compression, progress)
     return EngineOutput(logits[: ids.shape[1] - 1].float(), tokens, nbytes, engine, time.perf_counter() - start, cache)

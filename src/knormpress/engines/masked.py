@@ -5,7 +5,12 @@ that no longer sees it under the streaming rule. A key's score at layer l depend
 layer l's own keys, so the attention function below can compute the expiries from the keys
 it is handed and mask each query block accordingly. It is registered in transformers'
 attention interface, so any architecture that dispatches through it works (Llama with GQA,
-GPT-NeoX with partial rotary, ...). Assumes one unpadded sequence, as `evaluate` passes.
+GPT-NeoX with partial rotary, Gemma 3 with sliding-window layers, ...). Assumes one unpadded
+sequence, as `evaluate` passes.
+
+Sliding-window layers are never compressed (they hold at most their window already): they attend
+through `plain_attention` with the window the model passes, and report what transformers' sliding
+cache layer holds, the last window - 1 keys.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
@@ -31,6 +36,7 @@ BLOCK = 512  # queries per masked block: bounds mask memory at heads x BLOCK x (
 @dataclass
 class _Plan:
     compression: Compression | None
+    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
     held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
 
 
@@ -46,17 +52,51 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     c = plan.compression
     per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
     _refuse_unsupported(kwargs)
-    if c is None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
-        plan.held[layer] = (torch.arange(1, T, dtype=torch.float64), per_token)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2), None
+    window = kwargs.get("sliding_window")
+    if window != plan.windows[layer]:  # the held memory below must be what the streaming engine's cache holds
+        raise ConfigError(f"layer {layer} attends with sliding_window={window} but transformers' cache for this model "
+                          f"uses {plan.windows[layer]}; the engines cannot reproduce this model exactly")
+    if c is None or window is not None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
+        plan.held[layer] = (held_uncompressed(T, window), per_token)
+        return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
     positions = torch.arange(T, device=key.device).expand(key.shape[:3])
     exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget)
     plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
     return _blockwise(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
 
 
-UNSUPPORTED = ("sliding_window", "softcap", "s_aux")  # attention kwargs that change the result
+UNSUPPORTED = ("softcap", "s_aux")  # attention kwargs that change the result and are not implemented here
+
+
+def plain_attention(query, key, value, scaling=None, window: int | None = None) -> torch.Tensor:
+    """The model's own uncompressed attention for one sequence: query (B, Hq, T, D) at positions
+    0..T-1 over key/value (B, Hkv, T, D) at the same positions, KV heads shared by groups of queries.
+
+    Query q sees key j iff j <= q, and with a sliding window also q - window < j (transformers'
+    `sliding_window_overlay`: the query and the window - 1 keys before it). Windowed layers run in
+    blocks of BLOCK queries over only the keys their window reaches. Returns (B, Hq, T, D).
+    """
+    T = query.shape[2]
+    if window is None or T <= window:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    out = torch.empty_like(query)
+    for q0 in range(0, T, BLOCK):
+        q1, k0 = min(q0 + BLOCK, T), max(q0 - window + 1, 0)
+        q = torch.arange(q0, q1, device=query.device).view(-1, 1)
+        j = torch.arange(k0, q1, device=query.device)
+        mask = (j <= q) & (j > q - window)
+        out[:, :, q0:q1] = F.scaled_dot_product_attention(
+            query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], attn_mask=mask, scale=scaling, enable_gqa=True
+        )
+    return out
+
+
+def held_uncompressed(T: int, window: int | None = None) -> torch.Tensor:
+    """Tokens an uncompressed layer's cache holds when query q = 1..T-1 starts, (T-1,) float64: every
+    earlier key, or for a sliding layer the last window - 1 of them (transformers' DynamicSlidingWindowLayer
+    keeps no more, as the next query brings the window's last key itself)."""
+    held = torch.arange(1, T, dtype=torch.float64)
+    return held if window is None else held.clamp(max=window - 1)
 
 
 def _refuse_unsupported(kwargs: dict) -> None:
@@ -117,10 +157,16 @@ def _masked_attention(model: PreTrainedModel, plan: _Plan):
         _PLAN.reset(token)
 
 
+def cache_windows(model: PreTrainedModel) -> list[int | None]:
+    """Per layer, the sliding window of the cache layer transformers builds for this model (None: full)."""
+    layers = DynamicCache(config=model.config).layers
+    return [layer.sliding_window if getattr(layer, "is_sliding", False) else None for layer in layers]
+
+
 @torch.no_grad()
 def evaluate_masked(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
     """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,))."""
-    plan = _Plan(compression)
+    plan = _Plan(compression, cache_windows(model))
     with _masked_attention(model, plan):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from knormpress.compression import CacheCompressor, Compression
+from knormpress.engines.attention import RECORD, attention_implementation
+
+
+@dataclass
+class _Recording:
+    """Attention recorded during one model call, per compressed layer, for attention-based strategies."""
+
+    compression: Compression
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def take(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        taken, self.recorded = self.recorded, {}
+        return taken
 
 
 @torch.no_grad()
@@ -18,7 +34,8 @@ def evaluate_streaming(
     Positions are passed explicitly, so pruned caches never shift them.
 
     The first min(T - 1, fix_kv_size) tokens go through in one call: nothing is evicted before the
-    cache exceeds the budget, so this is the same computation, only faster.
+    cache exceeds the budget, so this is the same computation, only faster. Sliding-window layers
+    (Gemma 3's local layers) are left to transformers' own sliding cache, never compressed.
     """
     T = input_ids.shape[1]
     compress = CacheCompressor(compression) if compression is not None else None
@@ -26,13 +43,15 @@ def evaluate_streaming(
     logits, held = [], []
     prefill = min(T - 1, compression.fix_kv_size) if compression is not None else T - 1
     steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, T - 1)]
-    for start, stop in tqdm(steps, desc="tokens", unit="step", disable=not progress, leave=False):
-        positions = torch.arange(start, stop, device=input_ids.device).unsqueeze(0)
-        out = model(input_ids=input_ids[:, start:stop], position_ids=positions, cache=cache, use_cache=True)
-        logits.append(out.logits[0].float())
-        if compress is not None:
-            compress(cache)
-        held.extend(_held(cache, start, stop))
+    record = compression is not None and compression.strategy.needs_attention
+    with attention_implementation(model, RECORD, _Recording(compression)) if record else nullcontext() as recording:
+        for start, stop in tqdm(steps, desc="tokens", unit="step", disable=not progress, leave=False):
+            positions = torch.arange(start, stop, device=input_ids.device).unsqueeze(0)
+            out = model(input_ids=input_ids[:, start:stop], position_ids=positions, cache=cache, use_cache=True)
+            logits.append(out.logits[0].float())
+            if compress is not None:
+                compress(cache, recording.take() if record else None)
+            held.extend(_held(cache, start, stop))
     held = torch.tensor(held, dtype=torch.float64)
     return torch.cat(logits), held[:, 0], held[:, 1], cache
 
@@ -40,10 +59,15 @@ def evaluate_streaming(
 def _held(cache: DynamicCache, start: int, stop: int) -> list[tuple[float, float]]:
     """(tokens per layer, bytes) the cache holds when each query after this call starts.
 
-    Inside a prefill call nothing is evicted, so query q+1 starts with q+1 tokens everywhere.
+    Inside a prefill call nothing is evicted, so query q+1 would start with q+1 tokens in a full
+    layer and at most window - 1 in a sliding one (what transformers' sliding layer keeps).
     """
     layers = cache.layers
     lengths = [l.keys.shape[-2] for l in layers]
-    per_token = sum((l.keys.nbytes + l.values.nbytes) / n for l, n in zip(layers, lengths))
-    grown = [(q + 1, (q + 1) * per_token) for q in range(start, stop - 1)]
-    return grown + [(sum(lengths) / len(layers), sum(l.keys.nbytes + l.values.nbytes for l in layers))]
+    per_token = [(l.keys.nbytes + l.values.nbytes) // n for l, n in zip(layers, lengths)]
+    caps = [l.sliding_window - 1 if l.is_sliding else None for l in layers]
+    rows = []
+    for q in range(start, stop - 1):
+        held = [q + 1 if cap is None else min(q + 1, cap) for cap in caps]
+        rows.append((sum(held) / len(layers), float(sum(h * b for h, b in zip(held, per_token)))))
+    return rows + [(sum(lengths) / len(layers), float(sum(n * b for n, b in zip(lengths, per_token))))]

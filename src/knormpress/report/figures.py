@@ -241,6 +241,29 @@ def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | No
     return fig
 
 
+def sweep_comparison(runs: pd.DataFrame, metrics: list[str], title: str) -> Figure:
+    """A sweep's runs side by side: one panel per metric, one row per run (`name`), with its
+    interval where `<metric>_lo`/`_hi` were logged and the baseline run (`role`) as a dashed line."""
+    runs = runs.assign(_base=runs.role.ne("baseline")).sort_values(["_base", "name"], kind="stable")
+    fig = Figure(figsize=(3.6 * len(metrics) + 1.6, 1.2 + 0.32 * len(runs)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
+    y = np.arange(len(runs))
+    has_ci = [{f"{m}_lo", f"{m}_hi"} <= set(runs.columns) for m in metrics]
+    for ax, metric, ci in zip(axes, metrics, has_ci):
+        values = runs[metric].to_numpy(float)
+        err = _err(runs, metric) if ci else None
+        ax.errorbar(values, y, xerr=err, fmt="o", capsize=3, color="tab:blue")
+        for base in runs.loc[runs.role.eq("baseline"), metric]:
+            ax.axvline(base, ls="--", lw=1, color="0.4")
+        ax.set_xlabel(metric)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, runs.name)
+    axes[0].invert_yaxis()
+    fig.suptitle(title + (f"\n(bars: {CI_LABEL})" if any(has_ci) else ""), fontsize=10)
+    return fig
+
+
 FIGURES: dict[str, Callable[..., Figure]] = {
     "strategy_comparison.png": strategy_comparison,
     "keep_ratio_analysis.png": keep_ratio_analysis,

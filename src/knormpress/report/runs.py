@@ -1,9 +1,10 @@
 """Runs as tidy tables: read from MLflow, written to and read back from the exported CSVs.
 
 One row per run: fixed identity columns (what was run, from params and tags) and one column per
-metric the runs logged, whatever the task: the lm task's and the runner's known metrics first in a
-fixed order (so old and new CSVs line up), then any others sorted by name. Per-text rows come
-from each run's `per_text.csv` artifact (one row per sample) with the run id added.
+metric the runs logged (curves, i.e. metric histories, left out), whatever the task: the lm task's
+and the runner's known metrics first in a fixed order (so old and new CSVs line up), then any
+others sorted by name. Per-text rows come from each run's `per_text.csv` artifact (one row per
+sample) with the run id added.
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ def _paged(search: Callable, *args, **kwargs) -> list:
 
 
 def _row(run, experiment: str, tag_names: dict[str, str]) -> dict:
+    from knormpress.tracking import HISTORY_PREFIX
+
     params, tags = run.data.params, run.data.tags
-    row = dict(run.data.metrics)  # every metric the run logged, whatever its task
+    # every metric the run logged, whatever its task, but not the last point of a curve
+    row = {k: v for k, v in run.data.metrics.items() if not k.startswith(HISTORY_PREFIX)}
     row |= {"run_id": run.info.run_id, "experiment": experiment, "start_time": run.info.start_time}
     row |= {col: tags.get(tag_names.get(col, "")) for col in TAGGED}
     for col, keys in PARAMS.items():

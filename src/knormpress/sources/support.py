@@ -1,9 +1,10 @@
 """Refuse models whose attention the engines cannot reproduce exactly, instead of reporting wrong numbers.
 
 The engines compute causal softmax attention over the (compressed) cache with the module's own
-scaling, through transformers' attention interface. Anything else transformers would add on top
-(a window, a logit cap, sink logits, position biases, bidirectional or non-attention layers) would
-be silently dropped, so such a model is refused right after loading.
+scaling and, for sliding-window layers, the module's own window, through transformers' attention
+interface. Anything else transformers would add on top (a logit cap, sink logits, position biases,
+bidirectional or non-attention layers) would be silently dropped, so such a model is refused right
+after loading.
 """
 
 from collections.abc import Callable
@@ -22,23 +23,15 @@ def _layer_types(model: PreTrainedModel) -> set[str]:
     return set(getattr(_text(model), "layer_types", None) or ())
 
 
-def _sliding(model: PreTrainedModel) -> bool:
-    config = _text(model)
-    if getattr(config, "layer_types", None):  # configs with layer types say per layer whether the window applies
-        return "sliding_attention" in config.layer_types
-    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True) is not False
-
-
 # (feature, predicate on the loaded model): any match refuses the model
 UNSUPPORTED: tuple[tuple[str, Callable[[PreTrainedModel], bool]], ...] = (
     ("attention outside transformers' attention interface (e.g. ALiBi or custom kernels)",
      lambda m: not getattr(m, "_supports_attention_backend", False)),
-    ("sliding-window attention layers", _sliding),
     ("attention logit soft-capping", lambda m: getattr(_text(m), "attn_logit_softcapping", None) is not None),
     ("attention sinks (learned per-head sink logits)",
      lambda m: any(isinstance(getattr(module, "sinks", None), torch.Tensor) for module in m.modules())),
     ("bidirectional attention", lambda m: bool(getattr(_text(m), "use_bidirectional_attention", False))),
-    ("layers that are not plain full attention (chunked, linear or recurrent)",
+    ("layers that are neither full nor sliding-window attention (chunked, linear or recurrent)",
      lambda m: bool(_layer_types(m) - {"full_attention", "sliding_attention"})),
 )
 

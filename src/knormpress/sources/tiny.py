@@ -38,7 +38,8 @@ _COMMON = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, 
 TINY: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     "llama": (LlamaConfig, {**_COMMON, "num_key_value_heads": 2}),  # grouped-query attention
     "gpt_neox": (GPTNeoXConfig, {**_COMMON, "rotary_pct": 0.25}),  # Pythia shape: partial rotary
-    # Gemma 3 shape: alternating sliding/full layers, refused by check_supported until the engines handle windows
+    # Gemma 3 shape: sliding-window layers 0, 2 alternate with full layers 1, 3; query_pre_attn_scalar
+    # (256) sets the attention scaling, not head_dim, so engines must pass the module's own scaling
     "gemma3": (Gemma3TextConfig, {**_COMMON, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 16,
                                   "sliding_window_pattern": 2}),
 }

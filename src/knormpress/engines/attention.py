@@ -1,0 +1,70 @@
+"""Attention functions the engines register in transformers, and how an engine switches to one.
+
+An engine sets a plan (what this pass compresses, what to record) in a context variable and
+switches the model to its registered attention implementation for the duration of one call, so
+any architecture that dispatches through transformers' attention interface works unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PLAN: ContextVar[Any] = ContextVar("knorm_plan", default=None)
+
+
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str, plan: Any) -> Iterator[Any]:
+    """Run the model with the attention registered as `name`, which reads `plan` from PLAN."""
+    previous = model.config._attn_implementation
+    token = PLAN.set(plan)
+    model.set_attn_implementation(name)
+    try:
+        yield plan
+    finally:
+        model.set_attn_implementation(previous)
+        PLAN.reset(token)
+
+
+def grouped_weights(query: torch.Tensor, key: torch.Tensor, scaling: float | None, visible: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention weights (B, Hkv, g, q, n) of query (B, Hq, q, D) over key (B, Hkv, n, D),
+    each query head with its KV group; `visible` (q, n) or (B, Hkv, 1, q, n) masks keys out."""
+    B, Hq, q, D = query.shape
+    Hkv = key.shape[1]
+    scale = D**-0.5 if scaling is None else scaling
+    scores = query.view(B, Hkv, Hq // Hkv, q, D) @ key.unsqueeze(2).transpose(-1, -2) * scale
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+RECORD = "knorm_record"
+
+
+def recording_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Exact attention for the token-by-token engine that also records, per compressed layer, what
+    attention-based strategies score from: the last query's weights (B, Hq, n) and the weights
+    summed over the call's queries and each KV group (B, Hkv, n). The cache holds n - q earlier
+    tokens, then this call's q tokens in order, so query i sees keys 0 .. n - q + i. Layers that
+    are not compressed (skipped, sliding-window) run transformers' own SDPA path untouched."""
+    plan = PLAN.get()
+    layer = module.layer_idx
+    if layer in plan.compression.skip_layers or kwargs.get("sliding_window") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    q, n = query.shape[2], key.shape[2]
+    visible = torch.arange(n, device=key.device) <= (n - q) + torch.arange(q, device=key.device).view(-1, 1)
+    w = grouped_weights(query, key, scaling, visible)
+    out = (w @ value.unsqueeze(2)).flatten(1, 2)  # (B, Hq, q, D)
+    plan.recorded[layer] = (w[..., -1, :].flatten(1, 2), w.sum(dim=(2, 3)))
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(RECORD, recording_attention)
+AttentionMaskInterface.register(RECORD, sdpa_mask)  # the layers handed to SDPA get exactly its mask

@@ -1,0 +1,128 @@
+"""The exact one-pass engine for any strategy: each layer replays its own eviction.
+
+A layer's eviction depends only on that layer's queries, keys and values, and those depend only
+on the layers below. So inside one forward pass, once the attention function is handed a layer's
+exact inputs, it can replay the token-by-token rule query by query (attention only: no MLP, no
+projections, no other layer) and return exactly the outputs the streaming engine computes. This
+holds for any strategy that scores from the layer's own cache view (`Strategy.score(view)`); one
+whose state is shared across layers or steps in call order (`random_per_step`, one generator for
+all layers) is not `replayable` and runs token by token.
+
+The replay keeps B + 1 slots per KV head: the token that joins takes the slot of the one evicted
+at the previous step, so nothing is copied; attention does not depend on the order of keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+from knormpress.compression import Compression
+from knormpress.engines.attention import PLAN, attention_implementation, grouped_weights
+from knormpress.errors import ConfigError
+from knormpress.eviction import select
+from knormpress.strategies import CacheView
+
+ATTN = "knorm_replay"
+
+
+@dataclass
+class _Plan:
+    compression: Compression | None
+    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
+    kept: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # layer -> (keys, values, positions)
+
+
+def replay_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of query (1, Hq, T, D) over key/value (1, Hkv, T, D) under the eviction rule, replayed."""
+    plan = PLAN.get()
+    if not isinstance(plan, _Plan):
+        raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.run_engine(engine='replay')")
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise ConfigError("the replay engine cannot reproduce sliding-window or soft-capped attention yet; "
+                          "use engine=streaming or a model without it (e.g. model=smollm2_135m)")
+    T, layer, c = query.shape[2], module.layer_idx, plan.compression
+    per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+    steps = torch.arange(1, T, dtype=torch.float64)
+    if c is None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
+        plan.held[layer] = (steps, per_token)
+        plan.kept[layer] = (key[:, :, : T - 1], value[:, :, : T - 1], None)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None
+    plan.held[layer] = (steps.clamp(max=c.fix_kv_size), per_token)
+    out, plan.kept[layer] = _replay(query, key, value, scaling, c, layer)
+    return out.transpose(1, 2), None
+
+
+def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Queries 0..B see every earlier key; from then on each query sees the B kept keys and itself,
+    and after it the strategy evicts one key per KV head (`eviction.select`). Returns the outputs
+    and the cache kept after token T-2 in the streaming engine's order: (keys, values, positions)."""
+    _, Hq, T, D = query.shape
+    head = c.fix_kv_size + 1
+    out = torch.empty_like(query)
+    causal = torch.ones(head, head, dtype=torch.bool, device=key.device).tril()
+    w = grouped_weights(query[:, :, :head], key[:, :, :head], scaling, causal)  # (1, Hkv, g, head, head)
+    out[:, :, :head] = (w @ value[:, :, :head].unsqueeze(2)).flatten(1, 2)
+    keys, values = key[:, :, :head].clone(), value[:, :, :head].clone()  # the slots
+    slots = torch.arange(head, device=key.device).expand(keys.shape[:3]).clone()  # position held by each slot
+    received = w.sum(dim=(2, 3)) if c.strategy.needs_attention else None
+    last = w[..., -1, :].flatten(1, 2)
+    free, order = _evict(c, keys, slots, layer, last, received, head)
+    heads = torch.arange(keys.shape[1], device=key.device).view(1, -1)
+    for t in range(head, T):
+        if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
+            kept = tuple(x.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])) for x in (keys, values))
+            kept += (slots.gather(-1, order),)
+        keys[0, heads[0], free[0]] = key[0, :, t]
+        values[0, heads[0], free[0]] = value[0, :, t]
+        slots[0, heads[0], free[0]] = t
+        w = grouped_weights(query[:, :, t : t + 1], keys, scaling, None)  # (1, Hkv, g, 1, head)
+        out[:, :, t : t + 1] = (w @ values.unsqueeze(2)).flatten(1, 2)
+        if t == T - 1:
+            break
+        if received is not None:
+            received[0, heads[0], free[0]] = 0
+            received += w.sum(dim=(2, 3))
+        free, order = _evict(c, keys, slots, layer, w[..., 0, :].flatten(1, 2), received, t + 1)
+    return out, kept
+
+
+def _evict(c: Compression, keys, slots, layer: int, last, received, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot (1, Hkv) each KV head frees, the one token of B + 1 that `select` does not keep,
+    and the kept slots (1, Hkv, B) in the order `select` gives them (the streaming cache's order)."""
+    scores = c.strategy.score(CacheView(keys, slots, layer, last, received))
+    keep = select(scores, slots, length, c.budget, c.sort_by_time)
+    dropped = torch.ones(slots.shape, dtype=torch.bool, device=slots.device).scatter_(-1, keep, False)
+    return dropped.to(torch.int8).argmax(dim=-1), keep
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """Masks are built inside `replay_attention`; skip transformers' T x T mask."""
+    return None
+
+
+AttentionInterface.register(ATTN, replay_attention)
+AttentionMaskInterface.register(ATTN, _no_mask)
+
+
+@torch.no_grad()
+def evaluate_replay(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
+    """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,),
+    the compressed cache after token T-2, equal to the streaming engine's)."""
+    T = input_ids.shape[1]
+    with attention_implementation(model, ATTN, _Plan(compression)) as plan:
+        positions = torch.arange(T, device=input_ids.device).unsqueeze(0)
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
+    tokens = torch.stack([t for t, _ in plan.held.values()])
+    nbytes = sum(t * b for t, b in plan.held.values())
+    cache = DynamicCache(config=model.config)
+    for layer, (keys, values, kept_positions) in sorted(plan.kept.items()):
+        cache.update(keys, values, layer)
+        if kept_positions is not None:
+            cache.layers[layer].knorm_positions, cache.layers[layer].knorm_length = kept_positions, T - 1
+    return logits, tokens.mean(0), nbytes, cache

@@ -1,0 +1,113 @@
+"""The DVC side as its users run it, on a temporary git repo holding dvc.yaml, params.yaml, the plot
+templates and the committed results: `dvc params diff`, `dvc metrics show/diff`, `dvc plots show`."""
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from knormpress.config import CONF_DIR, config_hash, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).parent / "dvc")
+EXPERIMENTS = ("strategies", "keep_ratio", "ablations")
+PLOTS = ("keep_ratio_ppl", "keep_ratio_accuracy", "ppl_vs_memory")
+
+
+def sh(repo: Path, *cmd: str) -> str:
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{shlex.join(cmd)}: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """dvc.yaml, params.yaml, .dvc/plots and results/ (CSVs, PNGs, metrics.json rebuilt by the
+    metrics stage's script) committed in a fresh git + DVC repo."""
+    repo = tmp_path_factory.mktemp("dvc_repo")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    sh(repo, "git", "init", "-q")
+    sh(repo, DVC, "init", "-q")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
+    shutil.copytree(ROOT / "results", repo / "results", ignore=shutil.ignore_patterns("metrics.json"))
+    sh(repo, sys.executable, str(ROOT / "scripts" / "make_metrics.py"), "--results", "results", "--config",
+       str(CONF_DIR / "config.yaml"))
+    sh(repo, *git, "add", "-A")
+    sh(repo, *git, "commit", "-q", "-m", "results")
+    return repo
+
+
+def test_the_stages_read_the_study_from_params_yaml(repo):
+    from dvc.repo import Repo
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())["study"]
+    assert params == {"models": "smollm2_135m", "dataset": "gutenberg", "n_samples": 3, "max_tokens": 3000}  # today's study
+    stages = {s.name: s for s in Repo(str(repo)).index.stages}
+    for name in EXPERIMENTS:
+        assert [p.def_path for p in stages[name].params] == ["params.yaml"] and stages[name].params[0].params == ["study"]
+        run = shlex.split(stages[name].cmd.split("&&")[0])
+        assert run[:3] == ["python", "run.py", "-m"] and f"experiment={name}" in run and "eval.n_samples=3" in run
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the same jobs as the bare preset
+            study, preset = (validate(compose("config", overrides=o))[1] for o in (run[3:], [f"experiment={name}"]))
+        assert config_hash(study) == config_hash(preset)
+
+
+def test_params_diff_shows_a_change_of_the_study(repo):
+    params = repo / "params.yaml"
+    text = params.read_text()
+    try:
+        params.write_text(text.replace("n_samples: 3 ", "n_samples: 5 "))
+        assert json.loads(sh(repo, DVC, "params", "diff", "--json")) == {
+            "params.yaml": {"study.n_samples": {"old": 3, "new": 5}}}
+        table = sh(repo, DVC, "params", "diff")
+        assert "study.n_samples" in table and "3" in table and "5" in table
+    finally:
+        params.write_text(text)
+
+
+def test_metrics_show_and_diff_read_the_headline_numbers(repo):
+    runs = pd.read_csv(repo / "results" / "strategies.csv")
+    keep_low = runs[runs.strategy == "keep_low"].iloc[0]
+    shown = json.loads(sh(repo, DVC, "metrics", "show", "--json"))
+    (data,) = [v["data"]["results/metrics.json"]["data"] for v in shown.values()]
+    model = data[keep_low.model]
+    assert set(model) == {"baseline", "keep_low", "keep_high", "random", "recent_only", "sinks"}
+    assert set(model["baseline"]) == {"ppl", "accuracy"}
+    assert model["keep_low"] == pytest.approx({k: keep_low[k] for k in ("ppl", "accuracy", "delta_ppl_pct", "delta_accuracy_pct")},
+                                              abs=1e-4)
+    assert f"{keep_low.model}.keep_low.ppl" in sh(repo, DVC, "metrics", "show")
+
+    metrics = repo / "results" / "metrics.json"
+    text = metrics.read_text()
+    try:
+        changed = json.loads(text)
+        changed[keep_low.model]["keep_low"]["ppl"] += 1
+        metrics.write_text(json.dumps(changed))
+        diff = json.loads(sh(repo, DVC, "metrics", "diff", "--json"))["results/metrics.json"]
+        assert list(diff) == [f"{keep_low.model}.keep_low.ppl"] and diff[f"{keep_low.model}.keep_low.ppl"]["diff"] == pytest.approx(1)
+    finally:
+        metrics.write_text(text)
+
+
+def test_plots_show_renders_the_curves_and_the_figures(repo):
+    sh(repo, DVC, "plots", "show")
+    html = (repo / "dvc_plots" / "index.html").read_text()
+    for name in (*PLOTS, "strategy_comparison.png", "keep_ratio_analysis.png", "ppl_accuracy_tradeoff.png",
+                 "improvement_summary.png"):
+        assert name in html, name
+    specs = json.loads(sh(repo, DVC, "plots", "show", "--json"))["data"]
+    curve = specs["keep_ratio_ppl"][0]["content"]
+    rows = curve["data"]["values"]
+    assert {r["strategy"] for r in rows if r["role"] == "compressed"} == {"keep_low", "random"}
+    assert curve["layer"][0]["encoding"]["color"] == {"field": "strategy", "type": "nominal"}  # one line per strategy
+    memory = specs["ppl_vs_memory"][0]["content"]
+    assert memory["encoding"]["x"]["field"] == "kv_bytes_peak" and memory["encoding"]["y"]["field"] == "ppl"

@@ -1,0 +1,104 @@
+"""The one-pass replay engine equals the token-by-token engine for every replayable strategy
+(static and dynamic), in float64 on tiny GPT-NeoX (partial rotary) and Llama (GQA) models:
+logits within 1e-4, the same held memory, and the same compressed cache at the end (positions,
+keys and values, in the same order)."""
+
+import itertools
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from knormpress import STRATEGIES, Compression, ConfigError, fix_size_l2_compress, run_engine
+from knormpress.engines import pick_engine
+
+from conftest import VOCAB, seeded, tiny_model
+
+REPLAYABLE = sorted(n for n, cls in STRATEGIES.items() if cls.replayable)
+GRID = [(s, kr, skip, sink) for s, kr, skip, sink in itertools.product(REPLAYABLE, [0.0, 0.5, 1.0], [(), (0, 1)], [0, 4])
+        if not (s == "sinks" and sink == 0)]
+# the fast suite: every strategy once at the default keep_ratio, alternating model, skip layers and sinks
+FAST = [(["gpt_neox", "llama"][i % 2], s, 0.5, (0, 1) if i % 3 else (), 4 if s == "sinks" or i % 2 else 0)
+        for i, s in enumerate(REPLAYABLE)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {arch: tiny_model(arch).double() for arch in ("gpt_neox", "llama")}
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (160,), generator=torch.Generator().manual_seed(3))
+
+
+def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=40):
+    c = Compression(seeded(strategy, 5), fix_kv_size, keep_ratio, list(skip), n_sink=n_sink)
+    a = run_engine(model, ids, c, "streaming")
+    b = run_engine(model, ids, c, "replay")
+    assert (a.logits - b.logits).abs().max() <= 1e-4
+    assert torch.equal(a.kv_tokens, b.kv_tokens) and torch.equal(a.kv_bytes, b.kv_bytes)
+    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+        pa, pb = (getattr(x, "knorm_positions", None) for x in (la, lb))
+        assert (pa is None) == (pb is None) and (pa is None or torch.equal(pa, pb))
+        assert torch.allclose(la.keys, lb.keys, atol=1e-10) and torch.allclose(la.values, lb.values, atol=1e-10)
+    return a, b
+
+
+@pytest.mark.parametrize("arch,strategy,keep_ratio,skip,n_sink", FAST)
+def test_replay_equals_streaming(models, ids, arch, strategy, keep_ratio, skip, n_sink):
+    check(models[arch], ids, strategy, keep_ratio, skip, n_sink)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("strategy,keep_ratio,skip,n_sink", GRID)
+def test_replay_equals_streaming_whole_grid(models, ids, arch, strategy, keep_ratio, skip, n_sink):
+    check(models[arch], ids, strategy, keep_ratio, skip, n_sink)
+
+
+def test_dynamic_strategies_really_differ_from_each_other(models, ids):
+    """A control for the test above: equal engines would also pass if a strategy were ignored."""
+    caches = [run_engine(models["llama"], ids, Compression(s, 40, 0.25, []), "replay").cache for s in ("h2o", "tova", "keydiff")]
+    kept = [torch.stack([l.knorm_positions.sort(-1).values for l in c.layers]) for c in caches]
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2]) and not torch.equal(kept[0], kept[2])
+
+
+def test_recorded_attention_is_the_models_own(models, ids):
+    """The token-by-token engine's recorded weights against transformers' eager attention weights."""
+    from knormpress.engines.attention import RECORD, attention_implementation
+    from knormpress.engines.streaming import _Recording
+
+    model = models["llama"]
+    c = Compression("h2o", 40, 0.5, [0])
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        eager = model(ids[None, :30], output_attentions=True).attentions  # per layer (1, Hq, 30, 30)
+        model.set_attn_implementation("sdpa")
+        with attention_implementation(model, RECORD, _Recording(c)) as rec:
+            model(ids[None, :30], position_ids=torch.arange(30)[None], cache=DynamicCache(config=model.config), use_cache=True)
+    assert set(rec.recorded) == {1, 2, 3}
+    for layer, (last, summed) in rec.recorded.items():
+        want = eager[layer][0]
+        assert torch.allclose(last[0], want[:, -1], atol=1e-10)
+        assert torch.allclose(summed[0], want.view(2, 2, 30, 30).sum(dim=(1, 2)), atol=1e-10)
+
+
+@pytest.mark.parametrize("strategy,engine", [("keep_low", "masked"), ("h2o", "replay"), ("keydiff", "replay"),
+                                             ("random_per_step", "streaming")])
+def test_auto_picks_the_fastest_exact_engine(strategy, engine):
+    assert pick_engine("auto", Compression(strategy)) == engine
+
+
+def test_engines_that_cannot_reproduce_a_strategy_refuse_it():
+    with pytest.raises(ConfigError, match="'tova' re-scores tokens at every step, so engine='masked'"):
+        pick_engine("masked", Compression("tova"))
+    with pytest.raises(ConfigError, match="'random_per_step' keeps state across layers, so engine='replay'"):
+        pick_engine("replay", Compression("random_per_step"))
+
+
+def test_attention_strategies_on_a_bare_cache_say_how_to_run_them(models, ids):
+    with torch.no_grad():
+        cache = models["llama"](ids[None, :60], use_cache=True).past_key_values
+    with pytest.raises(ConfigError, match="'h2o' scores tokens by the attention they receive.*knormpress.evaluate"):
+        fix_size_l2_compress(cache, fix_kv_size=20, strategy="h2o")
