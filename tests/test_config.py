@@ -13,7 +13,7 @@ from knormpress.errors import ConfigError
 from knormpress.tracking import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
-PRESETS = {"strategies": 5, "keep_ratio": 8, "ablations": 4, "paper": 25}
+PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 4, "paper": 25}
 LOCAL = ["dataset.path=/tmp"]
 
 
@@ -33,9 +33,9 @@ def check(overrides: list[str]):
 
 
 def test_groups_have_the_documented_options():
-    assert options("model") == ["pythia_70m", "smollm2_135m", "tiny_random"]
+    assert options("model") == ["gemma3_270m", "pythia_70m", "smollm2_135m", "tiny_random"]
     assert options("dataset") == ["gutenberg", "local_text", "pg19"]
-    assert options("compress") == ["keep_high", "keep_low", "none", "random", "recent_only", "sinks"]
+    assert options("compress") == ["h2o", "keep_high", "keep_low", "keydiff", "none", "random", "recent_only", "sinks", "tova"]
     assert options("task") == ["lm"]
     assert set(PRESETS) == set(options("experiment"))
 
@@ -101,14 +101,14 @@ def test_callback_and_logging_are_wired():
     "override,message",
     [
         ("compress.keep_ratio=1.5", "keep_ratio must lie in [0, 1], got 1.5"),
-        ("compress.strategy.name=keep_lo", "unknown strategy 'keep_lo'; choose one of keep_high, keep_low"),
+        ("compress.strategy.name=keep_lo", "unknown strategy 'keep_lo'; choose one of h2o, keep_high, keep_low, keydiff"),
         ("compress=random", None),
         ("compress.fix_kv_size=0", "fix_kv_size must be an integer >= 1, got 0"),
         ("compress.keep_ratio=abc", "keep_ratio must lie in [0, 1], got 'abc'"),
         ("task.name=passkee", "unknown task 'passkee'; choose one of lm"),
         ("plugins=[no_such_module]", "cannot import plugin 'no_such_module'"),
         ("eval.n_samples=0", "eval.n_samples must be >= 1, got 0"),
-        ("eval.engine=fast", "unknown engine 'fast'; choose one of auto, masked, streaming"),
+        ("eval.engine=fast", "unknown engine 'fast'; choose one of auto, masked, replay, streaming"),
         ("eval.device=tpu", "unknown eval.device 'tpu'; choose one of cpu, cuda, auto"),
         ("model.source.kind=s3", "unknown model.source.kind 's3'; choose one of hub, pypi, random"),
         ("dataset=local_text", "dataset local_text needs dataset.path"),

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from knormpress.config import CONF_DIR, config_hash, validate
 
+pytestmark = pytest.mark.slow  # a dozen dvc commands, seconds each
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
 EXPERIMENTS = ("strategies", "keep_ratio", "ablations")
@@ -29,8 +30,8 @@ def sh(repo: Path, *cmd: str) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """dvc.yaml, params.yaml, .dvc/plots and results/ (CSVs, PNGs, metrics.json rebuilt by the
-    metrics stage's script) committed in a fresh git + DVC repo."""
+    """dvc.yaml, params.yaml, .dvc/plots, the code the stages depend on and results/ (CSVs, PNGs,
+    metrics.json rebuilt by the metrics stage's script) committed in a fresh git + DVC repo."""
     repo = tmp_path_factory.mktemp("dvc_repo")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     sh(repo, "git", "init", "-q")
@@ -38,6 +39,9 @@ def repo(tmp_path_factory) -> Path:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
+    shutil.copy(ROOT / "run.py", repo / "run.py")
+    for folder in ("conf", "scripts", "src/knormpress"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "results", repo / "results", ignore=shutil.ignore_patterns("metrics.json"))
     sh(repo, sys.executable, str(ROOT / "scripts" / "make_metrics.py"), "--results", "results", "--config",
        str(CONF_DIR / "config.yaml"))
@@ -67,11 +71,19 @@ def test_params_diff_shows_a_change_of_the_study(repo):
     try:
         params.write_text(text.replace("n_samples: 3 ", "n_samples: 5 "))
         assert json.loads(sh(repo, DVC, "params", "diff", "--json")) == {
-            "params.yaml": {"study.n_samples": {"old": 3, "new": 5}}}
+            "params.yaml": {"study.n_samples": {"old": 3, "new": 5, "diff": 2}}}
         table = sh(repo, DVC, "params", "diff")
         assert "study.n_samples" in table and "3" in table and "5" in table
     finally:
         params.write_text(text)
+
+
+def test_exp_run_sets_a_study_param(repo):
+    """`dvc exp run -S` edits params.yaml (no Hydra composition: see the README); --dry only prints the commands."""
+    out = sh(repo, DVC, "exp", "run", "--dry", "-S", "study.n_samples=5")
+    for name in EXPERIMENTS:
+        assert f"experiment={name} model=smollm2_135m dataset=gutenberg eval.n_samples=5 eval.max_tokens=3000" in out
+    assert "n_samples: 3 " in (repo / "params.yaml").read_text()
 
 
 def test_metrics_show_and_diff_read_the_headline_numbers(repo):

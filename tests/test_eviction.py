@@ -70,3 +70,21 @@ def test_score_order_layout_keeps_the_same_set():
     last = stream(scores, budget, False)[-1]
     older = last[1 + budget.n_recent:]
     assert (scores[older].diff() <= 0).all() and last[0] == 0
+
+
+@pytest.mark.parametrize("B,ratio,sink", [(8, 0.5, 0), (8, 0.0, 2), (8, 1.0, 0), (6, 0.25, 1)])
+def test_evict_one_drops_what_select_does_not_keep(B, ratio, sink):
+    """The replay engine's shortcut against the rule itself, on scores with many exact ties."""
+    from knormpress.eviction import evict_one
+
+    g = torch.Generator().manual_seed(B)
+    budget = Budget(B, ratio, sink)
+    for trial in range(200):
+        length = int(torch.randint(B + 1, 40, (1,), generator=g))
+        positions = torch.cat([torch.arange(sink), torch.randperm(length - sink, generator=g)[: B + 1 - sink] + sink])
+        positions = positions[torch.randperm(B + 1, generator=g)].view(1, 1, -1)
+        positions[..., positions.argmax()] = length - 1  # the newest token is always in the cache
+        scores = torch.randint(0, 3, (1, 1, B + 1), generator=g).float()
+        kept = set(select(scores, positions, length, budget).flatten().tolist())
+        dropped = set(range(B + 1)) - kept
+        assert {evict_one(scores, positions, length, budget).item()} == dropped

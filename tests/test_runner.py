@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from knormpress.config import CONF_DIR
 from knormpress.report.runs import load_runs
-from knormpress.runner import Job, cli, run_job
+from knormpress.runner import Job, _library_bars, cli, run_job
 from knormpress.sources.models import load_model
 from knormpress.tracking import Tracker, resolve_uri
 
@@ -159,6 +159,18 @@ def test_a_sweep_whose_jobs_are_all_skipped_logs_no_parent(args, tmp_path, monke
     job(args, tmp_path, "compress.keep_ratio=0.25")
     assert cli_exit(["-m", *args, "compress.keep_ratio=0.25,0.5", f"hydra.sweep.dir={tmp_path}/sweep"], monkeypatch) == 0
     assert len(runs(tmp_path)) == 3 and all("knormpress.role" in r.data.tags for r in runs(tmp_path))
+
+
+def test_library_bars_only_when_progress_is_on():
+    from transformers import modeling_gguf_pytorch_utils as gguf
+    from transformers.utils import logging as hf_logging
+
+    converter_bar = gguf.tqdm
+    with _library_bars(False):
+        assert not hf_logging.is_progress_bar_enabled() and gguf.tqdm(range(3), desc="GGUF").disable
+    assert hf_logging.is_progress_bar_enabled() and gguf.tqdm is converter_bar
+    with _library_bars(True):
+        assert hf_logging.is_progress_bar_enabled() and gguf.tqdm is converter_bar
 
 
 def test_without_tracking_nothing_is_logged(args, tmp_path):

@@ -17,7 +17,9 @@ def keys():
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_scores_each_cached_token(name, keys):
     k, pos = keys
-    s = get_strategy(seeded(name, 3)).score(CacheView(k, pos, 1))
+    g = torch.Generator().manual_seed(1)
+    attention, received = torch.rand(2, 6, 50, generator=g).softmax(-1), torch.rand(2, 3, 50, generator=g)
+    s = get_strategy(seeded(name, 3)).score(CacheView(k, pos, 1, attention, received))
     assert s.shape == pos.shape and s.dtype == torch.float32 and torch.isfinite(s).all()
 
 
@@ -59,7 +61,7 @@ def test_random_priorities_are_uniform_and_vary_by_layer_head_seed(keys):
 
 
 def test_unknown_strategy_lists_choices():
-    with pytest.raises(ConfigError, match="unknown strategy 'nope'; choose one of keep_high, keep_low"):
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'; choose one of h2o, keep_high, keep_low, keydiff"):
         get_strategy("nope")
 
 
@@ -80,3 +82,24 @@ def test_a_new_strategy_is_one_small_class_with_its_own_settings(keys):
             get_strategy({"name": "test_oldest", "wieght": 2.0})
     finally:
         del STRATEGIES["test_oldest"]
+
+
+def view_by_hand():
+    """One KV head of 3 cached tokens, 2 query heads in its group."""
+    keys = torch.tensor([[[[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]]]])
+    attention = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]])
+    return CacheView(keys, torch.arange(3).view(1, 1, 3), 0, attention, torch.tensor([[[2.0, 0.5, 1.0]]]))
+
+
+def test_h2o_scores_the_attention_received_so_far():
+    assert get_strategy("h2o").score(view_by_hand()).tolist() == [[[2.0, 0.5, 1.0]]]
+
+
+def test_tova_scores_the_current_attention_averaged_over_heads():
+    assert torch.allclose(get_strategy("tova").score(view_by_hand()), torch.tensor([[[0.3, 0.175, 0.525]]]))
+
+
+def test_keydiff_keeps_keys_unlike_the_mean():
+    # mean key (4/3, 2/3) points along (2, 1)/sqrt(5): cos = 2/sqrt(5), 1/sqrt(5), 2/sqrt(5)
+    want = -torch.tensor([[[2.0, 1.0, 2.0]]]) / 5**0.5
+    assert torch.allclose(get_strategy("keydiff").score(view_by_hand()), want)

@@ -14,7 +14,8 @@ For a static score (fixed once the key exists) an evicted token could never win 
 kept older tokens after step t are simply the top K among all older tokens ever seen. That
 gives each key an expiry: the first query that no longer sees it. `select` answers the
 streaming engine ("which indices does the cache keep now?"), `expiry` answers the masked
-engine ("until which query is each key visible?"); a test derives one from the other.
+engine ("until which query is each key visible?"), `evict_one` the replay engine ("which token
+leaves a cache of B + 1?"); tests derive each from `select`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def select(
     if sort_by_time:
         keep = keep.gather(-1, positions.gather(-1, keep).argsort(dim=-1))
     return keep
+
+
+def evict_one(scores: torch.Tensor, positions: torch.Tensor, length: int, budget: Budget) -> torch.Tensor:
+    """Index (...,) of the one token `select` drops from a cache of B + 1: the lowest-scored of the
+    older tokens, the latest of them on a tie. The replay engine's step, without select's sorts;
+    a test checks it against `select`."""
+    forced = (positions < budget.n_sink) | (positions >= length - budget.n_recent)
+    priority = scores.float().masked_fill(forced, math.inf)
+    worst = priority == priority.amin(dim=-1, keepdim=True)
+    return torch.where(worst, positions, -1).argmax(dim=-1)
 
 
 def expiry(scores: torch.Tensor, budget: Budget) -> torch.Tensor:

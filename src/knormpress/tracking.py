@@ -358,7 +358,10 @@ def _summarize_children(tracker: Tracker, run_id: str, name: str) -> None:
 
 def _key_metrics(runs: list[Run]) -> list[str]:
     """What the comparison shows: the tasks' `key_metrics` that every run logged, else the first
-    metric they share."""
+    result they share (by name; not an interval, a count or the runner's resources)."""
+    import pandas as pd
+
+    from knormpress.report.headline import headline_columns
     from knormpress.tasks import TASKS
 
     if not runs:
@@ -366,4 +369,5 @@ def _key_metrics(runs: list[Run]) -> list[str]:
     shared = set.intersection(*(set(r.data.metrics) for r in runs))
     names = dict.fromkeys(r.data.tags.get(TAGS["task"]) for r in runs)
     wanted = [m for n in names if n in TASKS for m in TASKS[n].key_metrics if m in shared]
-    return list(dict.fromkeys(wanted)) or sorted(m for m in shared if not m.startswith(HISTORY_PREFIX))[:1]
+    results = [m for m in headline_columns(pd.DataFrame(columns=sorted(shared))) if not m.startswith(HISTORY_PREFIX)]
+    return list(dict.fromkeys(wanted)) or results[:1]

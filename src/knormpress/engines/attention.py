@@ -35,14 +35,22 @@ def attention_implementation(model: PreTrainedModel, name: str, plan: Any) -> It
 
 def grouped_weights(query: torch.Tensor, key: torch.Tensor, scaling: float | None, visible: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention weights (B, Hkv, g, q, n) of query (B, Hq, q, D) over key (B, Hkv, n, D),
-    each query head with its KV group; `visible` (q, n) or (B, Hkv, 1, q, n) masks keys out."""
+    each query head with its KV group (one batched matmul per KV head); `visible` (q, n) masks keys out."""
     B, Hq, q, D = query.shape
-    Hkv = key.shape[1]
+    Hkv, n = key.shape[1], key.shape[2]
     scale = D**-0.5 if scaling is None else scaling
-    scores = query.view(B, Hkv, Hq // Hkv, q, D) @ key.unsqueeze(2).transpose(-1, -2) * scale
+    grouped = query.reshape(B * Hkv, (Hq // Hkv) * q, D)
+    scores = torch.bmm(grouped, key.reshape(B * Hkv, n, D).transpose(1, 2)).view(B, Hkv, Hq // Hkv, q, n) * scale
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     return scores.softmax(dim=-1)
+
+
+def attend(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """weights (B, Hkv, g, q, n) times value (B, Hkv, n, D) -> (B, Hq, q, D)."""
+    B, Hkv, g, q, n = weights.shape
+    out = torch.bmm(weights.reshape(B * Hkv, g * q, n), value.reshape(B * Hkv, n, value.shape[-1]))
+    return out.view(B, Hkv * g, q, value.shape[-1])
 
 
 RECORD = "knorm_record"
@@ -61,7 +69,7 @@ def recording_attention(module, query, key, value, attention_mask, scaling=None,
     q, n = query.shape[2], key.shape[2]
     visible = torch.arange(n, device=key.device) <= (n - q) + torch.arange(q, device=key.device).view(-1, 1)
     w = grouped_weights(query, key, scaling, visible)
-    out = (w @ value.unsqueeze(2)).flatten(1, 2)  # (B, Hq, q, D)
+    out = attend(w, value)
     plan.recorded[layer] = (w[..., -1, :].flatten(1, 2), w.sum(dim=(2, 3)))
     return out.transpose(1, 2), None
 

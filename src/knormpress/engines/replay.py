@@ -14,6 +14,8 @@ at the previous step, so nothing is copied; attention does not depend on the ord
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +24,9 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import PLAN, attention_implementation, grouped_weights
+from knormpress.engines.attention import PLAN, attend, attention_implementation, grouped_weights
 from knormpress.errors import ConfigError
-from knormpress.eviction import select
+from knormpress.eviction import evict_one, select
 from knormpress.strategies import CacheView
 
 ATTN = "knorm_replay"
@@ -60,45 +62,56 @@ def replay_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Queries 0..B see every earlier key; from then on each query sees the B kept keys and itself,
-    and after it the strategy evicts one key per KV head (`eviction.select`). Returns the outputs
-    and the cache kept after token T-2 in the streaming engine's order: (keys, values, positions)."""
+    and after it the strategy evicts one key per KV head (`eviction.evict_one`, i.e. `select`).
+    Returns the outputs and the cache kept after token T-2 in the streaming engine's order:
+    (keys, values, positions)."""
     _, Hq, T, D = query.shape
-    head = c.fix_kv_size + 1
+    Hkv, head = key.shape[1], c.fix_kv_size + 1
     out = torch.empty_like(query)
     causal = torch.ones(head, head, dtype=torch.bool, device=key.device).tril()
     w = grouped_weights(query[:, :, :head], key[:, :, :head], scaling, causal)  # (1, Hkv, g, head, head)
-    out[:, :, :head] = (w @ value[:, :, :head].unsqueeze(2)).flatten(1, 2)
+    out[:, :, :head] = attend(w, value[:, :, :head])
     keys, values = key[:, :, :head].clone(), value[:, :, :head].clone()  # the slots
-    slots = torch.arange(head, device=key.device).expand(keys.shape[:3]).clone()  # position held by each slot
+    slots = torch.arange(head, device=key.device).expand(1, Hkv, head).clone()  # position held by each slot
     received = w.sum(dim=(2, 3)) if c.strategy.needs_attention else None
-    last = w[..., -1, :].flatten(1, 2)
-    free, order = _evict(c, keys, slots, layer, last, received, head)
-    heads = torch.arange(keys.shape[1], device=key.device).view(1, -1)
-    for t in range(head, T):
-        if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
-            kept = tuple(x.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])) for x in (keys, values))
-            kept += (slots.gather(-1, order),)
-        keys[0, heads[0], free[0]] = key[0, :, t]
-        values[0, heads[0], free[0]] = value[0, :, t]
-        slots[0, heads[0], free[0]] = t
-        w = grouped_weights(query[:, :, t : t + 1], keys, scaling, None)  # (1, Hkv, g, 1, head)
-        out[:, :, t : t + 1] = (w @ values.unsqueeze(2)).flatten(1, 2)
-        if t == T - 1:
-            break
-        if received is not None:
-            received[0, heads[0], free[0]] = 0
-            received += w.sum(dim=(2, 3))
-        free, order = _evict(c, keys, slots, layer, w[..., 0, :].flatten(1, 2), received, t + 1)
+    view = CacheView(keys, slots, layer, w[..., -1, :].flatten(1, 2), received)
+    flat = torch.arange(Hkv, device=key.device) * head  # slot s of head h is row h * head + s
+    scale = D**-0.5 if scaling is None else scaling
+    grouped = query[0].reshape(Hkv, Hq // Hkv, T, D)
+    with _one_thread():  # a dozen tiny ops per token: threads only add overhead
+        for t in range(head, T):
+            free = evict_one(c.strategy.score(view), slots, t, c.budget)[0]  # after token t-1
+            if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
+                kept = _in_streaming_order(c, view, values, t)
+            rows = flat + free
+            keys[0].view(-1, D).index_copy_(0, rows, key[0, :, t])
+            values[0].view(-1, values.shape[-1]).index_copy_(0, rows, value[0, :, t])
+            slots.view(-1).index_fill_(0, rows, t)
+            w = (torch.bmm(grouped[:, :, t], keys[0].transpose(1, 2)) * scale).softmax(dim=-1)  # (Hkv, g, head)
+            out[0, :, t] = torch.bmm(w, values[0]).view(Hq, -1)
+            view.attention = w.view(1, Hq, head)
+            if received is not None:
+                received.view(-1).index_fill_(0, rows, 0)
+                received += w.sum(dim=1)
     return out, kept
 
 
-def _evict(c: Compression, keys, slots, layer: int, last, received, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slot (1, Hkv) each KV head frees, the one token of B + 1 that `select` does not keep,
-    and the kept slots (1, Hkv, B) in the order `select` gives them (the streaming cache's order)."""
-    scores = c.strategy.score(CacheView(keys, slots, layer, last, received))
-    keep = select(scores, slots, length, c.budget, c.sort_by_time)
-    dropped = torch.ones(slots.shape, dtype=torch.bool, device=slots.device).scatter_(-1, keep, False)
-    return dropped.to(torch.int8).argmax(dim=-1), keep
+def _in_streaming_order(c: Compression, view: CacheView, values: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
+    """The B slots kept after token length-1, ordered as `select` orders the streaming cache."""
+    keep = select(c.strategy.score(view), view.positions, length, c.budget, c.sort_by_time)
+    rows = keep.unsqueeze(-1)
+    return (view.keys.gather(2, rows.expand(-1, -1, -1, view.keys.shape[-1])),
+            values.gather(2, rows.expand(-1, -1, -1, values.shape[-1])), view.positions.gather(-1, keep))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _no_mask(*args, **kwargs) -> None:
