@@ -5,7 +5,7 @@
     python run.py -m experiment=strategies          # a preset grid, one MLflow run per job
 """
 
-from knormpress.runner import cli
+from knormpress.cli import cli
 
 if __name__ == "__main__":
     cli()

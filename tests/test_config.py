@@ -10,7 +10,7 @@ from omegaconf import OmegaConf, open_dict
 
 from knormpress.config import CONF_DIR, baseline_key, config_hash, flatten, validate
 from knormpress.errors import ConfigError
-from knormpress.tracking import count_jobs
+from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
 PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 4, "paper": 25}
@@ -94,7 +94,7 @@ def test_launchers_compose(launcher):
 
 def test_callback_and_logging_are_wired():
     cfg = compose("config", return_hydra_config=True)
-    assert cfg.hydra.callbacks.mlflow_sweep._target_ == "knormpress.tracking.SweepRun"
+    assert cfg.hydra.callbacks.mlflow_sweep._target_ == "knormpress.sweeps.SweepRun"
 
 
 @pytest.mark.parametrize(

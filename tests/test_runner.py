@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 from knormpress.config import CONF_DIR
 from knormpress.report.runs import load_runs
-from knormpress.runner import Job, _library_bars, cli, run_job
+from knormpress.cli import cli
+from knormpress.runner import Job, _library_bars, run_job
 from knormpress.sources.models import load_model
 from knormpress.tracking import Tracker, resolve_uri
 
@@ -203,6 +204,8 @@ def cli_exit(argv: list[str], monkeypatch) -> int:
         ("compress.strategy.name=keep_lo", "error: unknown strategy 'keep_lo'; choose one of "),
         ("compress.keep_ratio=1.5", "error: keep_ratio must lie in [0, 1], got 1.5"),
         ("model=nonexistent", "error: unknown model 'nonexistent'; choose one of "),
+        ("compress.strategy.window=3", "error: strategy 'keep_low' has no setting 'window'; its settings are: none"),
+        ("task.depth=3", "error: task 'lm' has no setting 'depth'; its settings are: none"),
     ],
 )
 def test_bad_config_exits_nonzero_with_one_line(bad, reason, args, tmp_path, monkeypatch, capsys):
@@ -277,7 +280,7 @@ def test_two_parallel_joblib_jobs_both_finish(args, tmp_path):
 @pytest.mark.slow
 def test_sigterm_ends_the_open_run_failed(args, tmp_path):
     """A real SIGTERM (kill, scancel) to a job stuck in evaluate: the run ends FAILED, the process exits 143."""
-    stuck = ("import sys, time, knormpress.runner as r, knormpress.tasks.lm as lm; lm.evaluate = lambda *a, **k: time.sleep(600); "
+    stuck = ("import sys, time, knormpress.cli as r, knormpress.tasks.lm as lm; lm.evaluate = lambda *a, **k: time.sleep(600); "
              "sys.argv = sys.argv[:1] + sys.argv[2:]; r.cli()")
     cmd = [sys.executable, "-c", stuck, "--", *args, f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -298,7 +301,7 @@ def test_sigterm_ends_the_open_run_failed(args, tmp_path):
 @pytest.mark.slow
 def test_a_sweep_killed_with_sigkill_is_marked_failed_by_the_next_start(args, tmp_path):
     """SIGKILL runs no handler: the parent and the open child stay RUNNING until the next job on this host reaps them."""
-    stuck = ("import sys, time, knormpress.runner as r, knormpress.tasks.lm as lm; lm.evaluate = lambda *a, **k: time.sleep(600); "
+    stuck = ("import sys, time, knormpress.cli as r, knormpress.tasks.lm as lm; lm.evaluate = lambda *a, **k: time.sleep(600); "
              "sys.argv = sys.argv[:1] + sys.argv[2:]; r.cli()")
     cmd = [sys.executable, "-c", stuck, "--", "-m", *args, "compress.keep_ratio=0.3,0.5", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -317,3 +320,8 @@ def test_a_sweep_killed_with_sigkill_is_marked_failed_by_the_next_start(args, tm
     assert parent.info.status == "RUNNING" and parent.data.tags["knormpress.pid"] == str(proc.pid)
     job(args, tmp_path, "compress=none")
     assert status(tmp_path) == ["FAILED", "FAILED", "FINISHED"]  # parent and baseline reaped, a new baseline measured
+
+
+def test_a_misspelled_strategy_setting_names_the_valid_ones(args, tmp_path, monkeypatch, capsys):
+    assert cli_exit([*args, "compress=random", "compress.strategy.sed=3", f"hydra.run.dir={tmp_path}/run"], monkeypatch) == 2
+    assert capsys.readouterr().err.strip() == "error: strategy 'random' has no setting 'sed'; its settings are: seed"

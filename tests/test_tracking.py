@@ -1,7 +1,6 @@
 """MLflow bookkeeping without any model: store location, run lifecycle, stale runs, retries."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -9,14 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
-from omegaconf import open_dict
 
-from knormpress.config import CONF_DIR
 from knormpress.tasks import DatasetInfo
-from knormpress.tracking import (COMPARISON, EXPERIMENT_KIND, HISTORY_PREFIX, SweepRun, Tracker, end_sweep, git_tags,
-                                 resolve_uri, retry, sweep_name, sweep_parent, tags)
+from knormpress.tracking import EXPERIMENT_KIND, HISTORY_PREFIX, Tracker, git_tags, resolve_uri, retry, tags
 
 
 @pytest.fixture
@@ -151,60 +146,3 @@ def test_a_run_has_its_dataset_input_curves_and_description(tracker):
     history = tracker.client.get_metric_history(run_id, HISTORY_PREFIX + "nll_by_position")
     assert sorted((m.step, m.value) for m in history) == [(0, 4.0), (100, 3.5), (300, 3.0)]  # not-a-number points left out
     assert run.data.tags["mlflow.note.content"] == "keep_low r=0.5: ppl 42.6"
-
-
-def sweep_config(tmp_path: Path, overrides: list[str]):
-    """A multirun's config as Hydra hands it to the callback (sweep overrides set as the command line would)."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[o for o in overrides if "," not in o], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.overrides.task = overrides
-        cfg.hydra.sweep.dir = str(tmp_path / "sweep")
-        cfg.hydra.runtime.cwd = str(tmp_path)
-        cfg.progress = False
-    return cfg
-
-
-def test_sweep_parent_is_named_from_the_sweep(tmp_path):
-    assert sweep_name(sweep_config(tmp_path, ["experiment=strategies"])).startswith("strategies sweep @ ")
-    assert sweep_name(sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5", "model=tiny_random"])).startswith(
-        "compress.keep_ratio=0.3,0.5 @ ")
-    assert sweep_name(sweep_config(tmp_path, ["experiment=keep_ratio", "eval.n_samples=1,2"])).startswith(
-        "keep_ratio sweep eval.n_samples=1,2 @ ")
-
-
-def test_sweep_parent_comes_with_the_first_job_and_ends_with_a_comparison(tracker, tmp_path):
-    SweepRun().on_multirun_start(sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"]))
-    assert not tracker.search({}, status=None)  # no job has run yet: no parent
-    parent = sweep_parent(tmp_path / "sweep", tracker)
-    assert sweep_parent(tmp_path / "sweep", tracker) == parent and sweep_parent(tmp_path / "elsewhere", tracker) is None
-    for role, name, ppl in (("baseline", "baseline", 20.0), ("compressed", "keep_low r=0.3", 23.0), ("compressed", "keep_low r=0.5", 22.0)):
-        with tracker.run(name, tags(role=role, parent=parent, task="lm", description=f"{name}: ppl {ppl}")) as run_id:
-            tracker.log(run_id, {}, {"ppl": ppl, "ppl_lo": ppl - 1, "ppl_hi": ppl + 1, "accuracy": 0.3}, {}, [])
-    end_sweep("FINISHED")
-    run = tracker.client.get_run(parent)
-    assert run.info.status == "FINISHED" and run.info.run_name.startswith("compress.keep_ratio=0.3,0.5 @ ")
-    assert run.data.tags["knormpress.pid"] == str(os.getpid()) and "knormpress.role" not in run.data.tags
-    assert run.data.tags["mlflow.note.content"].startswith("3 of 3 runs finished.") and "- keep_low r=0.5: ppl 22.0" in run.data.tags["mlflow.note.content"]
-    (figure,) = tracker.client.list_artifacts(parent)
-    assert figure.path == COMPARISON and tracker.download(parent, COMPARISON, tmp_path / "dl").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_a_sweep_whose_jobs_are_all_skipped_logs_no_parent(tracker, tmp_path):
-    SweepRun().on_multirun_start(sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"]))
-    end_sweep("FINISHED")
-    assert not tracker.search({}, status=None, everywhere=True)
-
-
-def test_a_parent_whose_launcher_was_killed_is_reaped(tracker, tmp_path):
-    """SIGKILL leaves the parent RUNNING; the next start on this host marks it FAILED."""
-    SweepRun().on_multirun_start(sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"]))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    spec = json.loads((tmp_path / "sweep" / "mlflow_parent.json").read_text())
-    spec["tags"]["knormpress.pid"] = str(dead.pid)  # as if the launching process had died
-    (tmp_path / "sweep" / "mlflow_parent.json").write_text(json.dumps(spec))
-    parent = sweep_parent(tmp_path / "sweep", tracker)
-    assert tracker.client.get_run(parent).info.status == "RUNNING"
-    Tracker(tracker.uri, "another").reap({}, everywhere=True)
-    assert tracker.client.get_run(parent).info.status == "FAILED"

@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import signal
-import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -27,24 +23,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pandas as pd
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from knormpress.compression import Compression
-from knormpress.config import CONF_DIR, RunConfig, as_baseline, baseline_key, config_hash, flatten, validate
-from knormpress.errors import ConfigError, unknown
+from knormpress.config import RunConfig, as_baseline, baseline_key, config_hash, flatten, validate
 from knormpress.sources.models import ModelBundle, load_model
 from knormpress.tasks import Task
-from knormpress.tracking import TAGS, Tracker, end_sweep, resolve_uri, show_progress, sweep_dir, sweep_parent, tags
+from knormpress.sweeps import sweep_dir, sweep_parent
+from knormpress.tracking import TAGS, Tracker, resolve_uri, show_progress, tags
 
 log = logging.getLogger("knormpress")
 RECORDS, PER_TEXT = "records.parquet", "per_text.csv"
@@ -88,23 +80,6 @@ class Context:
     samples_hash: str
     labels: dict[str, str]  # tags every run of this job carries
     bar: tqdm  # the job's progress over its texts (disabled when progress is off)
-
-
-def main(cfg: DictConfig) -> dict[str, float] | None:
-    """Hydra task function."""
-    job = Job.from_hydra()
-    try:  # with bars on, log lines are printed above them instead of through them
-        with _sigterm_raises(), logging_redirect_tqdm() if show_progress(bool(cfg.get("progress"))) else nullcontext():
-            return run_job(cfg, job)
-    except ConfigError as error:
-        if not job.sweep:
-            _exit_with(error)  # SystemExit passes through Hydra, which would print more lines
-        log.error("job failed: %s", error)  # the sweep re-raises only its first failure: say which one failed
-        raise
-    except Exception:
-        if job.sweep:
-            log.exception("job failed")
-        raise
 
 
 def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
@@ -252,44 +227,3 @@ def _library_bars(show: bool) -> Iterator[None]:
 
 def _name(compression: Compression | None) -> str:
     return "baseline" if compression is None else f"{compression.strategy.name} r={compression.keep_ratio:g}"
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM (kill, scancel, timeouts) into SystemExit while inside, so open runs end
-    FAILED, not RUNNING; the previous handler comes back after (launcher workers outlive jobs)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _one_line(error: Exception) -> str:
-    if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
-        group, _, name = error.missing_cfg_file.rpartition("/")
-        return str(unknown(group, name, sorted(error.options)))
-    lines = [str(e).strip().splitlines()[0].rstrip(".") for e in (error, error.__cause__) if e is not None and str(e).strip()]
-    return ": ".join(lines) or type(error).__name__
-
-
-def _exit_with(error: Exception) -> None:
-    print(f"error: {_one_line(error)}", file=sys.stderr)
-    sys.exit(2)
-
-
-def cli() -> None:
-    """run.py: the Hydra app, printing a user mistake as one line on stderr (exit 2), not a traceback."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # errors reach the handler below instead of Hydra's printer
-    status = "FAILED"
-    try:
-        with _sigterm_raises():
-            hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(main)()
-        status = "FINISHED"
-    except (ConfigError, HydraException, OmegaConfBaseException) as error:
-        _exit_with(error)
-    finally:
-        end_sweep(status)

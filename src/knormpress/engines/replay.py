@@ -71,13 +71,14 @@ def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[tor
     causal = torch.ones(head, head, dtype=torch.bool, device=key.device).tril()
     w = grouped_weights(query[:, :, :head], key[:, :, :head], scaling, causal)  # (1, Hkv, g, head, head)
     out[:, :, :head] = attend(w, value[:, :, :head])
-    keys, values = key[:, :, :head].clone(), value[:, :, :head].clone()  # the slots
+    keys, values = (x[:, :, :head].clone(memory_format=torch.contiguous_format) for x in (key, value))  # the slots
     slots = torch.arange(head, device=key.device).expand(1, Hkv, head).clone()  # position held by each slot
     received = w.sum(dim=(2, 3)) if c.strategy.needs_attention else None
     view = CacheView(keys, slots, layer, w[..., -1, :].flatten(1, 2), received)
     flat = torch.arange(Hkv, device=key.device) * head  # slot s of head h is row h * head + s
     scale = D**-0.5 if scaling is None else scaling
-    grouped = query[0].reshape(Hkv, Hq // Hkv, T, D)
+    grouped = (query[0] * scale).reshape(Hkv, Hq // Hkv, T, D).permute(2, 0, 1, 3).contiguous()  # (T, Hkv, g, D)
+    outs = torch.empty(T - head, Hkv, Hq // Hkv, value.shape[-1], dtype=query.dtype, device=query.device)
     with _one_thread():  # a dozen tiny ops per token: threads only add overhead
         for t in range(head, T):
             free = evict_one(c.strategy.score(view), slots, t, c.budget)[0]  # after token t-1
@@ -87,12 +88,13 @@ def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[tor
             keys[0].view(-1, D).index_copy_(0, rows, key[0, :, t])
             values[0].view(-1, values.shape[-1]).index_copy_(0, rows, value[0, :, t])
             slots.view(-1).index_fill_(0, rows, t)
-            w = (torch.bmm(grouped[:, :, t], keys[0].transpose(1, 2)) * scale).softmax(dim=-1)  # (Hkv, g, head)
-            out[0, :, t] = torch.bmm(w, values[0]).view(Hq, -1)
+            w = torch.bmm(grouped[t], keys[0].transpose(1, 2)).softmax(dim=-1)  # (Hkv, g, head)
+            torch.bmm(w, values[0], out=outs[t - head])
             view.attention = w.view(1, Hq, head)
             if received is not None:
                 received.view(-1).index_fill_(0, rows, 0)
                 received += w.sum(dim=1)
+    out[0, :, head:] = outs.flatten(1, 2).transpose(0, 1)
     return out, kept
 
 

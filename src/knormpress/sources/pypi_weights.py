@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 import time

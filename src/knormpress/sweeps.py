@@ -1,0 +1,177 @@
+"""Multiruns in MLflow: one parent run per sweep, created when its first job really runs, named
+from the preset or the sweep overrides, closed with a comparison of its children.
+
+Child jobs (in this process or, with joblib/submitit, in others) find the parent through
+<sweep dir>/mlflow_parent.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from mlflow.entities import Run
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from knormpress.tracking import HISTORY_PREFIX, TAGS, Tracker, retry, show_progress, tags
+
+log = logging.getLogger("knormpress.sweeps")
+PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes find their parent run
+COMPARISON = "comparison.png"  # the sweep parent's figure of its children
+
+def sweep_dir(hydra_cfg: DictConfig) -> Path:
+    return Path(hydra_cfg.runtime.cwd, hydra_cfg.sweep.dir).resolve()
+
+
+def _sweep_overrides(config: DictConfig) -> tuple[list[str], int | None]:
+    """The command line's sweep overrides (e.g. compress.keep_ratio=0.3,0.5) and the number of jobs
+    in a basic-sweeper grid (preset params, then command line), None if unknown."""
+    params = config.hydra.sweeper.get("params") or {}
+    task = list(config.hydra.overrides.task)
+    try:
+        parser = OverridesParser.create()
+        swept = [o.input_line for o in parser.parse_overrides(task) if o.is_sweep_override()]
+        parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
+        sizes = {o.get_key_element(): len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in parsed}
+    except Exception:  # other sweepers' syntax (interval, optuna, ...)
+        return [], None
+    return swept, math.prod(sizes.values())
+
+
+def count_jobs(config: DictConfig) -> int | None:
+    """Jobs in a basic-sweeper grid (preset params, then command line overrides), None if unknown."""
+    return _sweep_overrides(config)[1]
+
+
+def sweep_name(config: DictConfig) -> str:
+    """The parent run's name: the preset ("strategies sweep") and/or the command line's sweep
+    overrides, then the start time (so repeated sweeps stay apart in the runs table)."""
+    preset = config.hydra.runtime.choices.get("experiment")
+    label = " ".join(([f"{preset} sweep"] if preset else []) + _sweep_overrides(config)[0]) or "sweep"
+    return f"{label} @ {time.strftime('%b %d %H:%M')}"
+
+
+_sweep: dict[str, Any] = {}  # this process's parent-run file and jobs bar (never pickled into workers)
+
+
+class SweepRun(Callback):
+    """Hydra callback: one parent MLflow run per multirun, which child jobs (in this process or,
+    with joblib/submitit, in others) create and find through <sweep dir>/mlflow_parent.json."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = sweep_dir(config.hydra)
+        sweep.mkdir(parents=True, exist_ok=True)
+        _sweep["bar"] = tqdm(total=count_jobs(config), desc="jobs", unit="job", disable=not show_progress(config.progress))
+        if not config.tracking.enabled:
+            return
+        preset = config.hydra.runtime.choices.get("experiment") or "none"
+        labels = tags(sweep=sweep, experiment_preset=preset, pid=os.getpid(), host=socket.gethostname())  # no role: not a result
+        _write_json(sweep / PARENT_FILE, {"name": sweep_name(config), "tags": labels})
+        _sweep["file"] = sweep / PARENT_FILE
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if "bar" in _sweep:  # only in the launching process, i.e. for in-process launchers
+            _sweep["bar"].update()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        end_sweep("FINISHED")
+
+
+def _write_json(file: Path, data: dict) -> None:
+    tmp = file.with_name(f".{file.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, file)  # readers never see half a file
+
+
+def sweep_parent(sweep: Path, tracker: Tracker) -> str | None:
+    """The multirun's parent run id, created by the first of its jobs that gets here (after the
+    skip check), so a sweep whose jobs are all skipped leaves no empty parent; None outside a
+    tracked multirun."""
+    file = sweep / PARENT_FILE
+    if not file.exists():
+        return None
+    with FileLock(str(file.with_name(f".{file.name}.lock"))):
+        spec = json.loads(file.read_text())
+        if "run_id" not in spec:
+            spec |= {"run_id": tracker.start(spec["name"], spec["tags"]), "uri": tracker.uri, "experiment": tracker.experiment}
+            _write_json(file, spec)
+            log.info("multirun parent run %s (%s) in experiment %r (%s)", spec["run_id"], spec["name"], tracker.experiment, tracker.uri)
+    return spec["run_id"]
+
+
+def end_sweep(status: str) -> None:
+    """Close the multirun's parent run, if a job created one: describe and draw its children, then
+    end it; the CLI calls it with FAILED when a job or the sweep failed."""
+    if bar := _sweep.pop("bar", None):
+        bar.close()
+    file = _sweep.pop("file", None)
+    spec = json.loads(file.read_text()) if file is not None and file.exists() else {}
+    if "run_id" not in spec:
+        return
+    tracker = Tracker(spec["uri"], spec["experiment"])
+    try:
+        _summarize_children(tracker, spec["run_id"], spec["name"])
+    except Exception:  # a figure must never leave the parent RUNNING
+        log.warning("could not summarize the children of sweep run %s", spec["run_id"], exc_info=True)
+    finally:
+        retry(tracker.client.set_terminated, spec["run_id"], status)
+    log.info("sweep %r %s (run %s); browse it: %s", spec["name"], status, spec["run_id"], browse_hint(tracker))
+
+
+def browse_hint(tracker: Tracker) -> str:
+    """How to open an experiment's runs table in the MLflow UI (the workflowType query opens recent
+    UIs in their "Model training" mode, whatever the sidebar switch was last set to)."""
+    page = f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+    if tracker.uri.startswith(("http://", "https://")):
+        return f"{tracker.uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracker.uri.partition('?')[0]}, then http://127.0.0.1:5000/{page}"
+
+
+def _summarize_children(tracker: Tracker, run_id: str, name: str) -> None:
+    """The parent's description (one line per child) and comparison figure (its children's key metrics)."""
+    import pandas as pd
+
+    children = sorted(tracker.search({"parent": run_id}, status=None), key=lambda r: r.info.start_time)
+    done = [r for r in children if r.info.status == "FINISHED"]
+    lines = [f"- {r.data.tags.get(TAGS['description'], r.info.run_name)}" + ("" if r.info.status == "FINISHED" else f" ({r.info.status})")
+             for r in children]
+    note = f"{len(done)} of {len(children)} runs finished.\n\n" + "\n".join(lines)
+    retry(tracker.client.set_tag, run_id, TAGS["description"], note)
+    metrics = _key_metrics(done)
+    if not metrics:
+        return
+    from knormpress.report.figures import sweep_comparison
+
+    rows = pd.DataFrame([{"name": r.info.run_name, "role": r.data.tags.get(TAGS["role"])} | r.data.metrics for r in done])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, COMPARISON)
+        sweep_comparison(rows, metrics, name).savefig(path, dpi=120)
+        retry(tracker.client.log_artifact, run_id, str(path))
+
+
+def _key_metrics(runs: list[Run]) -> list[str]:
+    """What the comparison shows: the tasks' `key_metrics` that every run logged, else the first
+    result they share (by name; not an interval, a count or the runner's resources)."""
+    import pandas as pd
+
+    from knormpress.report.headline import headline_columns
+    from knormpress.tasks import TASKS
+
+    if not runs:
+        return []
+    shared = set.intersection(*(set(r.data.metrics) for r in runs))
+    names = dict.fromkeys(r.data.tags.get(TAGS["task"]) for r in runs)
+    wanted = [m for n in names if n in TASKS for m in TASKS[n].key_metrics if m in shared]
+    results = [m for m in headline_columns(pd.DataFrame(columns=sorted(shared))) if not m.startswith(HISTORY_PREFIX)]
+    return list(dict.fromkeys(wanted)) or results[:1]
