@@ -107,17 +107,17 @@ def test_library_compression_leaves_sliding_layers_alone(gemma3, text_ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", GEMMA_ENGINES)
-def test_uncompressed_engines_equal_the_plain_forward_on_gemma3_270m(gemma3_270m, gemma3_ids, engine):
+def test_uncompressed_engines_equal_the_plain_forward_on_gemma3_270m(gemma3_270m, gemma3_ids):
     """1000 real tokens, window 512: the 15 local layers drop keys from query 512 on. In float32 the
-    engines differ from the forward pass by rounding only (measured 3e-5 on logits up to 41)."""
+    engines differ from the forward pass by rounding only (measured 3.4e-5 on logits up to 41)."""
     from knormpress import run_engine
 
     model = gemma3_270m.model
     with torch.no_grad():
         plain = model(gemma3_ids[None]).logits[0, :-1].float()
-    out = run_engine(model, gemma3_ids, None, engine=engine)
-    assert (out.logits - plain).abs().max() <= 1e-3
-    assert torch.equal(out.logits.argmax(-1), plain.argmax(-1))
     layers = model.config.layer_types
-    assert out.kv_tokens[-1].item() == sum(511 if t == "sliding_attention" else 999 for t in layers) / len(layers)
+    for engine in GEMMA_ENGINES:
+        out = run_engine(model, gemma3_ids, None, engine=engine)
+        assert (out.logits - plain).abs().max() <= 1e-3, engine
+        assert out.kv_tokens[-1].item() == sum(511 if t == "sliding_attention" else 999 for t in layers) / len(layers)
+        del out

@@ -64,7 +64,7 @@ def test_auto_picks_masked_for_static_and_streaming_otherwise():
 
 
 def test_masked_refuses_a_strategy_that_rescores(model, text_ids):
-    with pytest.raises(ConfigError, match="re-scores tokens at every step.*engine='streaming'"):
+    with pytest.raises(ConfigError, match="re-scores tokens at every step.*'streaming'"):
         evaluate(model, text_ids, Compression("random_per_step"), engine="masked")
 
 
@@ -170,7 +170,8 @@ def check_gemma3(model, ids, strategy, keep_ratio, skip, n_sink, monkeypatch):
 
 @pytest.mark.parametrize("strategy,keep_ratio,skip,n_sink", GEMMA_GRID[::9])
 def test_masked_equals_streaming_on_gemma3(gemma3_f64, text_ids, strategy, keep_ratio, skip, n_sink, monkeypatch):
-    check_gemma3(gemma3_f64, text_ids, strategy, keep_ratio, skip, n_sink, monkeypatch)
+    """A spread over every axis of the grid on 150 tokens (86 steps past the budget), to stay fast."""
+    check_gemma3(gemma3_f64, text_ids[:150], strategy, keep_ratio, skip, n_sink, monkeypatch)
 
 
 @pytest.mark.slow

@@ -46,9 +46,11 @@ def test_random_model_leaves_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_gemma3_shape_is_refused_for_its_sliding_window():
-    with pytest.raises(ConfigError, match="'tiny-gemma3'.*sliding-window.*cannot reproduce"):
-        load_model(random_spec("gemma3"))
+def test_gemma3_shape_loads_with_its_sliding_window_layers():
+    bundle = load_model(random_spec("gemma3"))
+    config = bundle.model.config
+    assert config.model_type == "gemma3_text" and config.sliding_window == 16
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in MODEL_CONF.glob("*.yaml")))
