@@ -4,26 +4,19 @@ CSVs written by scripts/export_results.py."""
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
-from knormpress.errors import ConfigError
 from knormpress.report.headline import headline
-from knormpress.report.runs import read_results
+from knormpress.report.runs import parse_and_read
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", default="results", help="folder with the exported CSVs (default: results)")
     parser.add_argument("--config", default="conf/config.yaml", help="where the default compress setting is (default: conf/config.yaml)")
     parser.add_argument("--out", help="output file (default: <results>/metrics.json)")
-    args = parser.parse_args()
-    try:
-        runs, _ = read_results(args.results)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    args, runs, _ = parse_and_read(parser)
     setting = yaml.safe_load(Path(args.config).read_text())["compress"]
     out = Path(args.out or Path(args.results) / "metrics.json")
     out.write_text(json.dumps(headline(runs, setting), indent=2) + "\n")

@@ -2,22 +2,15 @@
 improvement_summary) from the CSVs written by scripts/export_results.py."""
 
 import argparse
-import sys
 
-from knormpress.errors import ConfigError
 from knormpress.report.figures import save_all
-from knormpress.report.runs import read_results
+from knormpress.report.runs import parse_and_read
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", default="results", help="folder with the exported CSVs (default: results)")
     parser.add_argument("--out", help="folder for the PNGs (default: the --results folder)")
-    args = parser.parse_args()
-    try:
-        runs, texts = read_results(args.results)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    args, runs, texts = parse_and_read(parser)
     print("wrote", *save_all(runs, texts, args.out or args.results))
 
 

@@ -69,11 +69,11 @@ def test_a_new_strategy_is_one_small_class_with_its_own_settings(keys):
     @register
     @dataclass
     class Oldest(Strategy):
-        name = "test_oldest"
-        weight: float = 1.0
+        """Prefer older tokens, by `weight` per position."""
 
-        def score(self, view):
-            return -self.weight * view.positions.float()
+        weight: float = 1.0
+        name = "test_oldest"
+        score = lambda self, view: -self.weight * view.positions.float()  # noqa: E731
 
     try:
         k, pos = keys

@@ -9,7 +9,9 @@ sample) with the run id added.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -209,3 +211,15 @@ def read_results(results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.
     runs = tidy(pd.concat([pd.read_csv(f) for f in run_files], ignore_index=True))
     texts = _texts([pd.read_csv(f) for f in sorted((root / "per_text").glob("*.csv"))])
     return runs, texts.drop_duplicates(["run_id", "text_id"])  # a shared baseline is in several files
+
+
+def parse_and_read(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, pd.DataFrame, pd.DataFrame]:
+    """For the report scripts: add --results, parse the command line and read the exported CSVs,
+    exiting with one line when there are none."""
+    parser.add_argument("--results", default="results", help="folder with the exported CSVs (default: results)")
+    args = parser.parse_args()
+    try:
+        runs, texts = read_results(args.results)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    return args, runs, texts

@@ -10,6 +10,7 @@ texts, so a run's curve shows where along the text the compressed cache starts t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from typing import ClassVar
 
 import numpy as np
@@ -25,20 +26,14 @@ from knormpress.metrics import EvalResult, summarize
 from knormpress.tasks import Outcome, Task, register_task
 
 
-def evaluate(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    compression: Compression | None = None,
-    engine: str = "auto",
-    progress: bool = False,
-) -> EvalResult:
+def evaluate(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None = None, **options: Any) -> EvalResult:
     """Read `input_ids` (T,) or (1, T) and score each next-token prediction.
 
-    compression=None is the uncompressed baseline. engine: "streaming" (token by token with a
-    real cache, the reference), "masked" (one exact forward pass, static strategies only), or
-    "auto" (the fastest exact engine for the strategy).
+    compression=None is the uncompressed baseline. options, as for `knormpress.run_engine`:
+    engine "auto" (the fastest exact engine for the strategy; default), "masked", "replay" or
+    "streaming" (token by token with a real cache, the reference), and progress (a bar per token).
     """
-    out = run_engine(model, input_ids, compression, engine, progress)
+    out = run_engine(model, input_ids, compression, **options)
     targets = input_ids.view(-1)[1:].to(out.logits.device)
     return EvalResult(
         nll=F.cross_entropy(out.logits, targets, reduction="none").cpu(),
@@ -67,7 +62,7 @@ class LanguageModeling(Task):
             )
 
     def run(self, model, sample, compression, engine, progress):
-        r = evaluate(model, sample.input_ids, compression, engine, progress)
+        r = evaluate(model, sample.input_ids, compression, engine=engine, progress=progress)
         records = pd.DataFrame({"text_id": sample.id, "title": sample.title, "position": np.arange(1, r.n_tokens + 1),
                                 "nll": r.nll.float().numpy(), "correct": r.correct.bool().numpy()})
         memory = {k: getattr(r, k) for k in ("kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean")}
