@@ -91,7 +91,12 @@ def test_score_order_layout_holds_the_same_tokens(model, text_ids):
     (dict(n_sink=600), ["n_sink must be an integer in [0, fix_kv_size=512)"]),
     (dict(strategy="sinks"), ["needs n_sink >= 1"]),
     (dict(skip_layers=[0, 9]), ["skip_layers [9] do not exist", "layers 0..3"]),
-    (dict(fix_kv=64), ["compress has no setting 'fix_kv'", "strategy, fix_kv_size, keep_ratio, skip_layers, sort_by_time, n_sink"]),
+    (dict(fix_kv=64), ["compress has no setting 'fix_kv'", "strategy, fix_kv_size, keep_ratio, skip_layers, sort_by_time, n_sink, when, ratio"]),
+    (dict(when="later"), ["unknown compress.when 'later'; choose one of prefill, streaming"]),
+    (dict(ratio=0.9), ["give the budget once, as fix_kv_size (tokens) or ratio", "got fix_kv_size=512, ratio=0.9"]),
+    (dict(fix_kv_size=None), ["give the budget once", "got fix_kv_size=None, ratio=None"]),
+    (dict(fix_kv_size=None, ratio=1.0), ["ratio must lie in (0, 1)", "got 1.0"]),
+    (dict(fix_kv_size=None, ratio=0.5), ["ratio=0.5 gives no budget until a length is known"]),
     (dict(strategy={"name": "random", "sed": 1}), ["strategy 'random' has no setting 'sed'; its settings are: seed"]),
 ])
 def test_bad_input_gives_one_clear_error(model, text_ids, kwargs, words):
@@ -117,8 +122,17 @@ def test_the_spec_round_trips_through_its_config_node():
     c = Compression({"name": "random", "seed": 7}, fix_kv_size=64, keep_ratio=0, skip_layers=[3, 1, 1], n_sink=2)
     node = c.to_dict()
     assert node == {"strategy": {"name": "random", "seed": 7}, "fix_kv_size": 64, "keep_ratio": 0.0,
-                    "skip_layers": [1, 3], "sort_by_time": True, "n_sink": 2}
+                    "skip_layers": [1, 3], "sort_by_time": True, "n_sink": 2, "when": "streaming", "ratio": None}
     assert Compression.from_dict(node) == c
+
+
+@pytest.mark.parametrize("ratio,n_tokens,size", [(0.9, 1024, 102), (0.5, 1001, 501), (0.7, 1000, 300), (0.99, 20, 1)])
+def test_a_ratio_resolves_to_the_share_of_the_prompt_it_keeps(ratio, n_tokens, size):
+    c = Compression(fix_kv_size=None, ratio=ratio, n_sink=0).resolved(n_tokens)
+    assert (c.fix_kv_size, c.ratio) == (size, None)
+    assert Compression(fix_kv_size=64).resolved(n_tokens).fix_kv_size == 64
+    with pytest.raises(ConfigError, match="n_sink=4 leaves no room in the 1 tokens"):
+        Compression("sinks", fix_kv_size=None, ratio=0.99, n_sink=4).resolved(20)
 
 
 def test_a_spec_and_keywords_together_are_refused(model, text_ids):

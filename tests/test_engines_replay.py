@@ -1,7 +1,7 @@
 """The one-pass replay engine equals the token-by-token engine for every replayable strategy
 (static and dynamic), in float64 on tiny GPT-NeoX (partial rotary) and Llama (GQA) models:
 logits within 1e-4, the same held memory, and the same compressed cache at the end (positions,
-keys and values, in the same order)."""
+keys and values, in the same order, and the attention each kept token received)."""
 
 import itertools
 
@@ -42,6 +42,8 @@ def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=32):
         pa, pb = (getattr(x, "knorm_positions", None) for x in (la, lb))
         assert (pa is None) == (pb is None) and (pa is None or torch.equal(pa, pb))
         assert torch.allclose(la.keys, lb.keys, atol=1e-10) and torch.allclose(la.values, lb.values, atol=1e-10)
+        sa, sb = (getattr(x, "knorm_attention_sum", None) for x in (la, lb))  # what h2o goes on scoring from
+        assert (sa is None) == (sb is None) and (sa is None or torch.allclose(sa, sb, atol=1e-10))
     return a, b
 
 

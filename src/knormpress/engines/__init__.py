@@ -74,6 +74,7 @@ def run_engine(
     if ids.shape[1] < 2:
         raise ConfigError(f"need at least 2 tokens to score a prediction, got {ids.shape[1]}")
     if compression is not None:
+        compression = compression.resolved(ids.shape[1] - 1)  # a ratio of the tokens the cache is fed
         compression.check_layers(model.config.num_hidden_layers)
     start = time.perf_counter()
     cache = None

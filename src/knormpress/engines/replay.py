@@ -36,7 +36,7 @@ ATTN = "knorm_replay"
 class _Plan:
     compression: Compression | None
     held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
-    kept: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # layer -> (keys, values, positions)
+    kept: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # layer -> (keys, values, positions, attention sum)
 
 
 def replay_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -52,7 +52,7 @@ def replay_attention(module, query, key, value, attention_mask, scaling=None, dr
     steps = torch.arange(1, T, dtype=torch.float64)
     if c is None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
         plan.held[layer] = (steps, per_token)
-        plan.kept[layer] = (key[:, :, : T - 1], value[:, :, : T - 1], None)
+        plan.kept[layer] = (key[:, :, : T - 1], value[:, :, : T - 1], None, None)
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2), None
     plan.held[layer] = (steps.clamp(max=c.fix_kv_size), per_token)
@@ -64,7 +64,7 @@ def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[tor
     """Queries 0..B see every earlier key; from then on each query sees the B kept keys and itself,
     and after it the strategy evicts one key per KV head (`eviction.evict_one`, i.e. `select`).
     Returns the outputs and the cache kept after token T-2 in the streaming engine's order:
-    (keys, values, positions)."""
+    (keys, values, positions, attention received so far or None)."""
     _, Hq, T, D = query.shape
     Hkv, head = key.shape[1], c.fix_kv_size + 1
     out = torch.empty_like(query)
@@ -99,11 +99,13 @@ def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[tor
 
 
 def _in_streaming_order(c: Compression, view: CacheView, values: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
-    """The B slots kept after token length-1, ordered as `select` orders the streaming cache."""
+    """The B slots kept after token length-1, ordered as `select` orders the streaming cache, with
+    the attention they received (what the streaming cache keeps as `knorm_attention_sum`)."""
     keep = select(c.strategy.score(view), view.positions, length, c.budget, c.sort_by_time)
     rows = keep.unsqueeze(-1)
+    received = None if view.attention_sum is None else view.attention_sum.gather(-1, keep)
     return (view.keys.gather(2, rows.expand(-1, -1, -1, view.keys.shape[-1])),
-            values.gather(2, rows.expand(-1, -1, -1, values.shape[-1])), view.positions.gather(-1, keep))
+            values.gather(2, rows.expand(-1, -1, -1, values.shape[-1])), view.positions.gather(-1, keep), received)
 
 
 @contextmanager
@@ -136,8 +138,10 @@ def evaluate_replay(model: PreTrainedModel, input_ids: torch.Tensor, compression
     tokens = torch.stack([t for t, _ in plan.held.values()])
     nbytes = sum(t * b for t, b in plan.held.values())
     cache = DynamicCache(config=model.config)
-    for layer, (keys, values, kept_positions) in sorted(plan.kept.items()):
+    for layer, (keys, values, kept_positions, received) in sorted(plan.kept.items()):
         cache.update(keys, values, layer)
         if kept_positions is not None:
             cache.layers[layer].knorm_positions, cache.layers[layer].knorm_length = kept_positions, T - 1
+        if received is not None:
+            cache.layers[layer].knorm_attention_sum = received
     return logits, tokens.mean(0), nbytes, cache

@@ -54,9 +54,15 @@ class LanguageModeling(Task):
     bucket: ClassVar[int] = 100  # positions per point of the histories
 
     def check(self, compression, ev):
-        if compression is not None and compression.fix_kv_size >= ev.max_tokens - 1:
+        if compression is None:
+            return
+        if compression.when != "streaming":
+            raise ConfigError(f"task lm compresses while it reads, so it needs compress.when=streaming, got "
+                              f"{compression.when!r} (prefill is for tasks that decode after a prompt: passkey, needle)")
+        size = compression.resolved(ev.max_tokens - 1).fix_kv_size
+        if size >= ev.max_tokens - 1:
             raise ConfigError(
-                f"compress.fix_kv_size={compression.fix_kv_size} is not smaller than the {ev.max_tokens - 1} tokens "
+                f"compress.fix_kv_size={size} is not smaller than the {ev.max_tokens - 1} tokens "
                 "a text feeds the cache (eval.max_tokens - 1), so nothing would be evicted; lower "
                 "compress.fix_kv_size or raise eval.max_tokens"
             )
