@@ -38,3 +38,10 @@ def test_zero_baseline_accuracy_gives_nan_relative_change_not_a_crash():
     s = summarize([result([1.0, 2.0], [True, False])], [result([1.0, 1.0], [False, False])])
     assert math.isnan(s["delta_accuracy_pct"]) and math.isnan(s["delta_accuracy_pct_lo"])
     assert s["delta_ppl_pct"] == pytest.approx(100 * (math.exp(1.5) / math.e - 1))
+
+
+@pytest.mark.parametrize("k,n,lo,hi", [(10, 10, 0.7225, 1.0), (5, 10, 0.2366, 0.7634), (0, 4, 0.0, 0.4899)])
+def test_wilson_interval_matches_published_values(k, n, lo, hi):
+    from knormpress.metrics import wilson
+
+    assert wilson(k, n) == pytest.approx((lo, hi), abs=1e-4)

@@ -116,3 +116,17 @@ def summarize(
         out |= dict(zip(("delta_ppl_pct_lo", "delta_ppl_pct_hi"), interval(d_ppl, level)))
         out |= dict(zip(("delta_accuracy_pct_lo", "delta_accuracy_pct_hi"), interval(d_acc, level)))
     return out
+
+
+def wilson(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion: exact-enough coverage for few trials, and
+    never outside [0, 1] (unlike the normal approximation), so 10 out of 10 still has a lower bound."""
+    if trials == 0:
+        return math.nan, math.nan
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p, n = successes / trials, trials
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

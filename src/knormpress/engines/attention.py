@@ -76,3 +76,28 @@ def recording_attention(module, query, key, value, attention_mask, scaling=None,
 
 AttentionInterface.register(RECORD, recording_attention)
 AttentionMaskInterface.register(RECORD, sdpa_mask)  # the layers handed to SDPA get exactly its mask
+
+
+PROMPT = "knorm_prompt"
+PROMPT_BLOCK = 256  # queries per block of the recorded weights: no T x T matrix is ever held
+
+
+def prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Transformers' own SDPA attention over a whole prompt read uncompressed (outputs unchanged),
+    recording per full-attention layer what attention-based strategies prune from: the last query's
+    weights (B, Hq, T) and the weights summed over all queries and each KV group (B, Hkv, T)."""
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("sliding_window") is None:
+        T = key.shape[2]
+        total = torch.zeros(key.shape[:3], dtype=torch.float32, device=key.device)
+        for start in range(0, T, PROMPT_BLOCK):
+            stop = min(start + PROMPT_BLOCK, T)
+            visible = torch.arange(stop, device=key.device) <= torch.arange(start, stop, device=key.device).view(-1, 1)
+            w = grouped_weights(query[:, :, start:stop], key[:, :, :stop], scaling, visible)
+            total[..., :stop] += w.sum(dim=(2, 3))
+        PLAN.get().recorded[module.layer_idx] = (w[..., -1, :].flatten(1, 2), total)
+    return out
+
+
+AttentionInterface.register(PROMPT, prompt_attention)
+AttentionMaskInterface.register(PROMPT, sdpa_mask)

@@ -112,4 +112,4 @@ def get_task(spec: str | dict | Task) -> Task:
     return REGISTRY.build(spec, Task)
 
 
-from knormpress.tasks import lm  # noqa: E402, F401  (the built-in tasks register themselves)
+from knormpress.tasks import lm, retrieval  # noqa: E402, F401  (the built-in tasks register themselves)

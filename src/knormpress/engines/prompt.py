@@ -1,0 +1,184 @@
+"""Read prompts under a compression, then decode greedily from the compressed cache.
+
+`Compression.when` picks the protocol:
+
+- prefill: each prompt is read whole, uncompressed, and the cache is pruned once to the budget
+  (the KnormPress paper's passkey and needle protocol, kvpress' default). That uncompressed pass is
+  the same for every strategy and budget, so it is computed once per model and prompt in this
+  process and reused (a Hydra multirun runs its jobs one after another in one process);
+- streaming: the cache never exceeds the budget while the prompt is read: the fastest exact engine
+  that ends with the compressed cache (replay; streaming for strategies replay cannot reproduce).
+
+Decoding then goes on token by token from that cache under the same compression, with explicit
+positions (transformers would otherwise take them from the pruned cache's length). Prompts of one
+call share their length, so they decode as one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from knormpress.compression import CacheCompressor, Compression
+from knormpress.engines import run_engine
+from knormpress.engines.attention import PROMPT, RECORD, attention_implementation
+from knormpress.engines.streaming import _Recording
+
+STORE_BYTES = 6 << 30  # uncompressed prompt passes kept for reuse (least recently used dropped first)
+
+
+@dataclass
+class Pass:
+    """One prompt read uncompressed: per layer (keys, values), the logits after its last token and,
+    per full-attention layer, the last query's weights and the weights summed over all queries
+    (what attention-based strategies prune from)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+    attention: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+_STORE: OrderedDict[tuple[str, str], Pass] = OrderedDict()
+
+
+@dataclass
+class _Recorded:
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def _fingerprint(model: PreTrainedModel) -> str:
+    """Identity of a model's numbers across reloads (each Hydra job loads its own copy)."""
+    digest = hashlib.sha256(model.config.to_json_string().encode() + str((model.dtype, model.device)).encode())
+    for p in (next(model.parameters()), model.get_output_embeddings().weight):
+        digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def uncompressed_pass(model: PreTrainedModel, ids: torch.Tensor) -> Pass:
+    """The uncompressed pass over prompt `ids` (T,), from the store when this model read it before."""
+    key = (_fingerprint(model), hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest())
+    if (hit := _STORE.get(key)) is not None:
+        _STORE.move_to_end(key)
+        return hit
+    T = ids.shape[0]
+    with attention_implementation(model, PROMPT, _Recorded()) as plan:
+        out = model(input_ids=ids.view(1, T).to(model.device), position_ids=torch.arange(T, device=model.device)[None],
+                    cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    found = Pass([(l.keys, l.values) for l in out.cache.layers], out.logits[0, -1].float(), plan.recorded)
+    _STORE[key] = found
+    while sum(p.nbytes for p in _STORE.values()) > STORE_BYTES and len(_STORE) > 1:
+        _STORE.popitem(last=False)
+    return found
+
+
+def _cache(model: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for idx, (keys, values) in enumerate(layers):
+        cache.update(keys, values, idx)
+    return cache
+
+
+def prompt_cache(model: PreTrainedModel, ids: torch.Tensor, compression: Compression | None, engine: str = "auto"
+                 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Read one prompt `ids` (T,) under `compression` (budget in tokens; None: uncompressed).
+    Returns the cache after the prompt, the logits (vocab,) for the first answer token, and the
+    tokens (per layer and KV head, mean over layers) and bytes held when queries 1..T-1 start.
+    `engine` (streaming protocol only): auto = replay, or streaming where replay is not exact."""
+    T = ids.shape[0]
+    if compression is not None and compression.when == "streaming":
+        engine = prompt_engine(compression, engine)
+        out = run_engine(model, torch.cat([ids, ids[-1:]]), compression, engine)  # the extra token is never read
+        return out.cache, out.logits[-1], out.kv_tokens[: T - 1], out.kv_bytes[: T - 1]
+    p = uncompressed_pass(model, ids)
+    cache = _cache(model, p.layers)
+    if compression is not None:
+        CacheCompressor(compression)(cache, p.attention)
+    seen = torch.arange(1, T, dtype=torch.float64)
+    return cache, p.logits, seen, seen * (p.nbytes / T)
+
+
+def prompt_engine(compression: Compression | None, engine: str = "auto") -> str:
+    """What reads the prompt: "prefill" (uncompressed pass, pruned once) or the exact engine that
+    ends with the compressed cache (the masked engine builds none)."""
+    if compression is None or compression.when == "prefill":
+        return "prefill"
+    if engine == "auto":
+        return "replay" if compression.strategy.replayable else "streaming"
+    return engine
+
+
+def _stack(model: PreTrainedModel, caches: list[DynamicCache]) -> DynamicCache:
+    """Caches of prompts of one length as one batch, with what the compressor tracks per layer."""
+    out = DynamicCache(config=model.config)
+    for idx, layers in enumerate(zip(*(c.layers for c in caches))):
+        out.update(torch.cat([l.keys for l in layers]), torch.cat([l.values for l in layers]), idx)
+        for name in ("knorm_positions", "knorm_attention_sum"):
+            if getattr(layers[0], name, None) is not None:
+                setattr(out.layers[idx], name, torch.cat([getattr(l, name) for l in layers]))
+        if hasattr(layers[0], "knorm_length"):
+            out.layers[idx].knorm_length = layers[0].knorm_length
+    return out
+
+
+def held(cache: DynamicCache) -> tuple[float, float]:
+    """(tokens per layer and KV head averaged over layers, bytes of keys and values) of one batch row."""
+    layers = cache.layers
+    rows = layers[0].keys.shape[0]
+    return (sum(l.keys.shape[-2] for l in layers) / len(layers),
+            sum(l.keys.nbytes + l.values.nbytes for l in layers) / rows)
+
+
+@dataclass
+class Generated:
+    """Greedy answers to a batch of prompts: the new token ids per prompt, and the tokens and bytes
+    held when each query starts (prompt queries 1..T-1, then every decoded token fed)."""
+
+    tokens: list[list[int]]
+    engine: str
+    kv_tokens: torch.Tensor
+    kv_bytes: torch.Tensor
+    kv_tokens_answer: float  # held when the first answer token is fed: the compressed cache after the prompt
+    kv_bytes_answer: float
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, prompts: torch.Tensor, compression: Compression | None, max_new_tokens: int,
+             done: Callable[[list[int]], bool], engine: str = "auto") -> Generated:
+    """Greedy decoding of up to `max_new_tokens` after each prompt of `prompts` (n, T), stopping
+    once `done(tokens so far)` holds for every prompt. The budget of a `ratio` is taken of T."""
+    n, T = prompts.shape
+    c = None if compression is None else compression.resolved(T)
+    parts = [prompt_cache(model, row, c, engine) for row in prompts]
+    cache, logits = _stack(model, [p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    tokens, bytes_ = [parts[0][2]], [parts[0][3]]
+    compress = None if c is None else CacheCompressor(c)
+    record = c is not None and c.strategy.needs_attention
+    answers: list[list[int]] = [[] for _ in range(n)]
+    answer_held = held(cache)
+    with attention_implementation(model, RECORD, _Recording(c)) if record else nullcontext() as recording:
+        for step in range(max_new_tokens):
+            chosen = logits.argmax(-1)
+            for answer, token in zip(answers, chosen.tolist()):
+                answer.append(token)
+            if step == max_new_tokens - 1 or all(done(a) for a in answers):
+                break
+            now = held(cache)
+            tokens.append(torch.tensor([now[0]], dtype=torch.float64))
+            bytes_.append(torch.tensor([now[1]], dtype=torch.float64))
+            position = torch.full((n, 1), T + step, device=model.device)
+            out = model(input_ids=chosen.view(n, 1).to(model.device), position_ids=position, cache=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            if compress is not None:
+                compress(cache, recording.take() if record else None)
+    return Generated(answers, prompt_engine(c, engine), torch.cat(tokens), torch.cat(bytes_), *answer_held)
