@@ -226,4 +226,8 @@ def _library_bars(show: bool) -> Iterator[None]:
 
 
 def _name(compression: Compression | None) -> str:
-    return "baseline" if compression is None else f"{compression.strategy.name} r={compression.keep_ratio:g}"
+    if compression is None:
+        return "baseline"
+    c = compression
+    return " ".join([c.strategy.name, f"r={c.keep_ratio:g}"] + ([f"ratio={c.ratio:g}"] if c.ratio is not None else [])
+                    + ([c.when] if c.when != "streaming" else []))

@@ -103,7 +103,7 @@ def prompt_cache(model: PreTrainedModel, ids: torch.Tensor, compression: Compres
     p = uncompressed_pass(model, ids)
     cache = _cache(model, p.layers)
     if compression is not None:
-        CacheCompressor(compression)(cache, p.attention)
+        CacheCompressor(compression)(cache, p.attention if compression.strategy.needs_attention else None)
     seen = torch.arange(1, T, dtype=torch.float64)
     return cache, p.logits, seen, seen * (p.nbytes / T)
 

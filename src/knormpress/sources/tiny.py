@@ -24,7 +24,8 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [byte + self.offset for byte in text.encode("utf-8")]
 
-    def decode(self, ids: Any) -> str:
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        """Special ids (below the offset) are always skipped; the keyword is there for callers that pass it."""
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
         return bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256).decode("utf-8", errors="replace")
 

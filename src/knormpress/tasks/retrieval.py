@@ -162,7 +162,7 @@ class Retrieval(Task):
         return records.drop(columns="answer")
 
     def headline(self, m):
-        change = f", {m['delta_accuracy_pct']:+.1f}% vs baseline" if "delta_accuracy_pct" in m else ""
+        change = f", {m['delta_accuracy_pct']:+.1f}% vs baseline" if np.isfinite(m.get("delta_accuracy_pct", np.nan)) else ""
         return (f"accuracy {100 * m['accuracy']:.1f}% [{100 * m['accuracy_lo']:.1f}, {100 * m['accuracy_hi']:.1f}] "
                 f"of {m['n_trials']:.0f} trials{change}")
 
