@@ -21,7 +21,7 @@ import pandas as pd
 from knormpress.errors import ConfigError
 
 HEAD = ["run_id", "experiment", "role", "task", "strategy", "keep_ratio", "fix_kv_size", "sort_by_time",
-        "n_sink", "skip_layers"]
+        "n_sink", "skip_layers", "ratio", "when"]
 TAIL = ["model", "model_source", "dataset", "engine", "max_tokens", "n_samples", "eval_seed", "config_hash",
         "baseline_key", "sweep", "git_commit", "git_dirty", "start_time"]
 IDENTITY = HEAD + TAIL
@@ -29,6 +29,7 @@ PARAMS = {  # identity column -> MLflow param(s), the first one logged wins (old
     "task": ["task.name"], "strategy": ["compress.strategy.name", "compress.strategy"],
     "keep_ratio": ["compress.keep_ratio"], "fix_kv_size": ["compress.fix_kv_size"],
     "sort_by_time": ["compress.sort_by_time"], "n_sink": ["compress.n_sink"], "skip_layers": ["compress.skip_layers"],
+    "ratio": ["compress.ratio"], "when": ["compress.when"],
     "model": ["model.name"], "model_source": ["model.source.kind", "model.source"], "dataset": ["dataset.source"],
     "max_tokens": ["eval.max_tokens"], "n_samples": ["eval.n_samples"], "eval_seed": ["eval.seed"],
 }  # params are the flattened resolved config; a param wins over a tag of the same column
@@ -61,7 +62,7 @@ def tidy(rows: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         if col in INTS:
             df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
-        elif col == "keep_ratio" or col not in IDENTITY:
+        elif col in ("keep_ratio", "ratio") or col not in IDENTITY:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     for col in BOOLS:
         df[col] = df[col].astype(str).str.lower().map({"true": True, "false": False}).astype("boolean")

@@ -16,7 +16,7 @@ from knormpress.report.claims import claims, load_seed, rule_lines
 from knormpress.report.effects import IDENTICAL_RTOL, pick, select
 from knormpress.report.runs import RUNNER_METRICS, metric_columns
 
-COMPRESS = ["strategy", "keep_ratio", "fix_kv_size", "sort_by_time", "n_sink", "skip_layers"]
+COMPRESS = ["strategy", "keep_ratio", "fix_kv_size", "ratio", "when", "sort_by_time", "n_sink", "skip_layers"]
 SETTINGS = COMPRESS + ["task", "model", "dataset", "max_tokens", "n_samples", "eval_seed"]
 
 
