@@ -3,6 +3,8 @@ unknown strategy and with another task's experiment; colours follow the data."""
 
 import struct
 
+import numpy as np
+import pandas as pd
 import pytest
 from report_data import V1, results_dir
 
@@ -27,10 +29,43 @@ def v1():
 def test_all_figures_are_valid_pngs(v1, tmp_path):
     paths = save_all(*v1, tmp_path)
     assert [p.name for p in paths] == list(FIGURES) == [
-        "strategy_comparison.png", "keep_ratio_analysis.png", "ppl_accuracy_tradeoff.png", "improvement_summary.png"]
+        "strategy_comparison.png", "keep_ratio_analysis.png", "ppl_accuracy_tradeoff.png", "improvement_summary.png",
+        "passkey_accuracy.png", "needle_heatmap.png"]
     for path in paths:
         width, height = png_size(path)
-        assert width >= 800 and height >= 400 and path.stat().st_size > 20_000
+        assert width >= 800 and height >= 400
+        assert path.stat().st_size > (20_000 if path.name in list(FIGURES)[:4] else 5_000)  # v1 has no retrieval runs
+
+
+def retrieval_runs() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A passkey and a needle experiment: a baseline and two strategies at ratios 0.5 and 0.9, 2 x 2 cells of 2 trials."""
+    from knormpress.metrics import wilson
+    from knormpress.report.runs import tidy
+
+    rng = np.random.default_rng(0)
+    rows, trials = [], []
+    for exp in ("passkey", "needle"):
+        for strategy, ratio in (("none", None), ("keep_low", 0.5), ("keep_low", 0.9), ("random", 0.5), ("random", 0.9)):
+            run_id = f"{exp}-{strategy}-{ratio}"
+            correct = rng.random(8) < (1.0 if ratio is None else 1.3 - ratio)
+            lo, hi = wilson(int(correct.sum()), 8)
+            rows.append({"run_id": run_id, "experiment": exp, "role": "baseline" if ratio is None else "compressed",
+                         "strategy": strategy, "ratio": ratio, "when": "prefill", "accuracy": correct.mean(),
+                         "accuracy_lo": lo, "accuracy_hi": hi, "start_time": 0})
+            trials += [{"run_id": run_id, "text_id": f"t{i}", "length": [1024, 2048][i % 2], "depth": [0.0, 0.5][i // 4],
+                        "correct": bool(c)} for i, c in enumerate(correct)]
+    return tidy(pd.DataFrame(rows)), pd.DataFrame(trials)
+
+
+def test_retrieval_figures_draw_every_strategy(tmp_path):
+    runs, texts = retrieval_runs()
+    ax = FIGURES["passkey_accuracy.png"](runs, texts).axes[0]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"keep_low", "random", "baseline (no compression)"}
+    fig = FIGURES["needle_heatmap.png"](runs, texts)
+    assert [a.get_title() for a in fig.axes[:3]] == ["baseline", "keep_low", "random"]
+    for name in ("passkey_accuracy.png", "needle_heatmap.png"):
+        FIGURES[name](runs, texts).savefig(tmp_path / name, dpi=150)
+        assert (tmp_path / name).stat().st_size > 20_000
 
 
 def test_tradeoff_labels_every_config_once(v1):

@@ -20,6 +20,8 @@ BEST_RATIO = "best keep_ratio for keep_low (lowest PPL) is 0.4-0.5"
 TEMPORAL_PPL, TEMPORAL_ACC = "temporal order lowers PPL by 2-5%", "temporal order raises accuracy by 0.5-1%"
 MIXED_PPL, MIXED_ACC = "mixed retention lowers PPL by 3-5%", "mixed retention raises accuracy by 1-2%"
 MEMORY = "memory saving 83% (3000 -> 512 tokens)"
+PASSKEY = "KnormPress paper: keep_low loses no passkey accuracy at compress.ratio 0.9 (10% of the cache kept)"
+NEEDLE = "KnormPress paper: keep_low loses no needle-in-a-haystack accuracy at compress.ratio 0.5"
 
 
 def _claims(specs: list[tuple], texts: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -50,6 +52,7 @@ def test_seed_like_runs():
         MIXED_PPL: HOLDS,  # 1.04 / 1.08: -3.70%, inside -5..-3%
         MIXED_ACC: HOLDS,  # 0.98 / 0.965: +1.55%, inside 1..2%
         MEMORY: HOLDS,  # 83.4% within 83 +- 1
+        PASSKEY: UNMEASURABLE, NEEDLE: UNMEASURABLE,  # no retrieval runs
     }
     assert table.measured[STRATEGIES_PPL] == "vs random: -4.55% [-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08]"
     assert table.measured[EVERY_RATIO].startswith("r=0.3: -1.85% [-1.85, -1.85]; r=0.4: -3.67%")
@@ -59,7 +62,7 @@ def test_seed_like_runs():
     assert table.claimed.to_dict() == {
         STRATEGIES_PPL: "< 0%", STRATEGIES_ACC: "> 0%", EVERY_RATIO: "< 0%", BEST_RATIO: "argmin in range",
         TEMPORAL_PPL: "-5 to -2%", TEMPORAL_ACC: "+0.5 to +1%", MIXED_PPL: "-5 to -3%", MIXED_ACC: "+1 to +2%",
-        MEMORY: "83%",
+        MEMORY: "83%", PASSKEY: "no loss (change > -5%)", NEEDLE: "no loss (change > -5%)",
     }
 
 
@@ -146,11 +149,12 @@ def test_packaged_seed_data():
     assert seed["setup"].startswith("EleutherAI/pythia-70m-deduped on PG-19")
     assert [t["kind"] for t in seed["tables"]] == ["strategies", "grid", "strategies"]
     assert seed["tables"][1]["seed"][0.4]["keep_low"] == {"ppl": 49.59, "accuracy": 0.3466}  # SUMMARY.md: 49.59, 34.66%
-    assert len(seed["claims"]) == 9 and len({c["claim"] for c in seed["claims"]}) == 9
-    assert rule_lines(seed) == [
+    assert len(seed["claims"]) == 11 and len({c["claim"] for c in seed["claims"]}) == 11  # 9 of the seed, 2 of the paper
+    assert rule_lines(seed)[:2] == [
         "Best keep_ratio: the best keep_low run inside the claimed range vs the best one outside it (PPL).",
         "Memory saving is deterministic: it holds within +-1 percentage point of the claim.",
     ]
+    assert "lies above -5%" in rule_lines(seed)[2]
 
 
 def test_bad_seed_files(tmp_path):
@@ -161,3 +165,26 @@ def test_bad_seed_files(tmp_path):
     path.write_text("setup: x\nclaims: []\n")
     with pytest.raises(ConfigError, match="missing top-level key 'tables'"):
         load_seed(path)
+
+
+def retrieval(base: list[bool], low: list[bool]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A passkey baseline and keep_low at ratio 0.9 with these per-trial outcomes."""
+    from knormpress.report.runs import tidy
+
+    runs, texts = [], []
+    for run_id, role, strategy, ratio, correct in (("b", "baseline", "none", None, base), ("k", "compressed", "keep_low", 0.9, low)):
+        runs.append({"run_id": run_id, "experiment": "passkey", "role": role, "strategy": strategy, "ratio": ratio,
+                     "accuracy": np.mean(correct), "start_time": 0})
+        texts += [{"run_id": run_id, "text_id": f"t{i}", "correct": c} for i, c in enumerate(correct)]
+    return tidy(pd.DataFrame(runs)), pd.DataFrame(texts)
+
+
+@pytest.mark.parametrize(("base", "low", "want", "measured"), [
+    ([True] * 10, [True] * 10, HOLDS, "+0.00% (identical per-text NLLs)"),  # nothing lost
+    ([True] * 10, [False] * 10, FAILS, "-100.00% [-100.00, -100.00]"),  # every trial lost
+    ([True] * 10, [False] + [True] * 9, INCONCLUSIVE, "-10.00%"),  # one of ten: the interval reaches past -5% and 0
+])
+def test_no_loss_claims_on_retrieval_trials(base, low, want, measured):
+    table = claims(*retrieval(base, low)).set_index("claim")
+    assert table.verdict[PASSKEY] == want and table.measured[PASSKEY].startswith(f"vs baseline: {measured}")
+    assert table.verdict[NEEDLE] == UNMEASURABLE

@@ -95,7 +95,7 @@ def prompt_attention(module, query, key, value, attention_mask, scaling=None, dr
             visible = torch.arange(stop, device=key.device) <= torch.arange(start, stop, device=key.device).view(-1, 1)
             w = grouped_weights(query[:, :, start:stop], key[:, :, :stop], scaling, visible)
             total[..., :stop] += w.sum(dim=(2, 3))
-        PLAN.get().recorded[module.layer_idx] = (w[..., -1, :].flatten(1, 2), total)
+        PLAN.get().recorded[module.layer_idx] = (w[..., -1, :].flatten(1, 2).clone(), total)  # not a view of the block
     return out
 
 

@@ -15,8 +15,8 @@ import pandas as pd
 import yaml
 
 from knormpress.errors import ConfigError
-from knormpress.report.effects import (FAILS, HIGHER, HOLDS, LOWER, UNMEASURABLE, Effect, combine, effect, pick,
-                                       select, verdict)
+from knormpress.report.effects import (FAILS, HIGHER, HOLDS, LOWER, UNMEASURABLE, Effect, combine, effect, no_loss,
+                                       pick, select, trial_effect, verdict)
 
 SEED_FILE = "seed.yaml"
 DIRECTIONS = {"lower": LOWER, "higher": HIGHER}
@@ -104,8 +104,15 @@ def _value(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict:
             "verdict": HOLDS if ok else FAILS}
 
 
+def _no_loss(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict:
+    exp, tolerance = _runs_of(claim, runs), float(claim["tolerance"])
+    e = trial_effect(texts, pick(exp, **claim["a"]), pick(exp, role="baseline"))
+    return {"claimed": f"no loss (change > -{tolerance:g}%)", "measured": "no runs" if e is None else f"vs baseline: {e}",
+            "verdict": no_loss(e, tolerance)}
+
+
 KINDS: dict[str, Callable[[dict, pd.DataFrame, pd.DataFrame], dict]] = {
-    "paired": _paired, "best_in_range": _best_in_range, "value": _value,
+    "paired": _paired, "best_in_range": _best_in_range, "value": _value, "no_loss": _no_loss,
 }
 
 

@@ -79,6 +79,36 @@ def effect(texts: pd.DataFrame, a: pd.Series | None, b: pd.Series | None, metric
     return Effect(est, lo, hi, identical)
 
 
+def trial_effect(texts: pd.DataFrame, a: pd.Series | None, b: pd.Series | None) -> Effect | None:
+    """Change (%) of accuracy from run b to run a over the same retrieval trials (per-text rows with a
+    `correct` column), with a paired bootstrap interval over trials; None if either run is missing."""
+    if a is None or b is None:
+        return None
+    est = 100 * (a.accuracy / b.accuracy - 1) if b.accuracy else math.nan
+    if "correct" not in texts.columns:
+        return Effect(est)
+    ta, tb = (texts[texts.run_id == r.run_id].set_index("text_id").sort_index() for r in (a, b))
+    if ta.empty or not ta.index.equals(tb.index):
+        return Effect(est)
+    ca, cb = (t.correct.astype(str).str.lower().eq("true").to_numpy(float) for t in (ta, tb))
+    weights = resample_texts(len(ca))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo, hi = interval(100 * ((weights @ ca) / (weights @ cb) - 1))
+    return Effect(est, lo, hi, bool(np.array_equal(ca, cb)))
+
+
+def no_loss(e: Effect | None, tolerance: float) -> str:
+    """A claim of no loss: holds when the whole interval lies above -tolerance (%), does not hold
+    when it lies below, else inconclusive (identical runs hold: nothing was lost)."""
+    if e is None or math.isnan(e.est):
+        return UNMEASURABLE
+    if e.identical:
+        return HOLDS
+    if math.isnan(e.lo):
+        return INCONCLUSIVE
+    return HOLDS if e.lo > -tolerance else FAILS if e.hi < -tolerance else INCONCLUSIVE
+
+
 def verdict(e: Effect | None, claimed: tuple[float, float]) -> str:
     """holds: the interval excludes 0 in the claimed direction and reaches the claimed range.
     does not hold: identical runs, or the interval does not reach into the claimed range (it

@@ -22,6 +22,7 @@ from matplotlib.transforms import Bbox
 from knormpress.report.claims import improvements, load_seed
 from knormpress.report.effects import pick, select
 from knormpress.report.labels import place_labels
+from knormpress.report.retrieval_figures import needle_heatmap, passkey_accuracy
 from knormpress.report.summary import describe
 
 METRICS = {  # metric -> (scale, axis label)
@@ -269,12 +270,14 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "keep_ratio_analysis.png": keep_ratio_analysis,
     "ppl_accuracy_tradeoff.png": ppl_accuracy_tradeoff,
     "improvement_summary.png": improvement_summary,
+    "passkey_accuracy.png": passkey_accuracy,
+    "needle_heatmap.png": needle_heatmap,
 }
 
 
 def save_all(runs: pd.DataFrame, texts: pd.DataFrame, out_dir: str | Path = "results",
              seed: dict | None = None) -> list[Path]:
-    """Write the four figures; a figure whose runs are missing says so instead of failing."""
+    """Write every figure; a figure whose runs are missing says so instead of failing."""
     seed = seed or load_seed()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
