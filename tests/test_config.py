@@ -13,7 +13,7 @@ from knormpress.errors import ConfigError
 from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
-PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 4, "paper": 25}
+PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 4, "paper": 25, "passkey": 40, "needle": 40}
 LOCAL = ["dataset.path=/tmp"]
 
 
@@ -36,7 +36,7 @@ def test_groups_have_the_documented_options():
     assert options("model") == ["gemma3_270m", "pythia_70m", "smollm2_135m", "tiny_random"]
     assert options("dataset") == ["gutenberg", "local_text", "pg19"]
     assert options("compress") == ["h2o", "keep_high", "keep_low", "keydiff", "none", "random", "recent_only", "sinks", "tova"]
-    assert options("task") == ["lm"]
+    assert options("task") == ["lm", "needle", "passkey"]
     assert set(PRESETS) == set(options("experiment"))
 
 
