@@ -172,3 +172,8 @@ def test_flatten_gives_the_dotted_param_names():
 
 def test_conf_dir_is_the_repo_conf():
     assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_a_pg19_split_that_does_not_exist_fails_before_any_download():
+    with pytest.raises(ConfigError, match="unknown dataset.split 'tset'; choose one of train, validation, test$"):
+        validate(compose("config", overrides=["dataset=pg19", "dataset.split=tset"]))

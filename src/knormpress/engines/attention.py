@@ -91,14 +91,19 @@ def held_uncompressed(T: int, window: int | None = None) -> torch.Tensor:
     return held if window is None else held.clamp(max=window - 1)
 
 
+def refuse_unsupported(kwargs: dict, engine: str) -> None:
+    """Attention features the engines do not implement would silently change the numbers."""
+    used = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
+    if used:
+        raise ConfigError(f"the {engine} engine cannot reproduce attention with {', '.join(used)}; "
+                          "use a model without it (e.g. model=smollm2_135m)")
+
+
 def layer_window(kwargs: dict, layer: int, windows: list[int | None], engine: str) -> int | None:
     """The sliding window this layer attends with (None: full attention), after refusing what the
     engines do not implement: attention features that would silently change the numbers, and a
     window that differs from the one transformers' cache keeps (the held memory would be wrong)."""
-    used = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
-    if used:
-        raise ConfigError(f"the {engine} engine cannot reproduce attention with {', '.join(used)}; "
-                          "use a model without it (e.g. model=smollm2_135m) or engine=streaming")
+    refuse_unsupported(kwargs, engine)
     window = kwargs.get("sliding_window")
     if window != windows[layer]:
         raise ConfigError(f"layer {layer} attends with sliding_window={window} but transformers' cache for this model "
@@ -125,6 +130,7 @@ def recording_attention(module, query, key, value, attention_mask, scaling=None,
     layer = module.layer_idx
     if layer in plan.compression.skip_layers or kwargs.get("sliding_window") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    refuse_unsupported(kwargs, "streaming")
     q, n = query.shape[2], key.shape[2]
     visible = torch.arange(n, device=key.device) <= (n - q) + torch.arange(q, device=key.device).view(-1, 1)
     w = grouped_weights(query, key, scaling, visible)
