@@ -13,7 +13,7 @@ from knormpress.errors import ConfigError
 from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
-PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 4, "paper": 25}
+PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 4, "paper": 40}
 LOCAL = ["dataset.path=/tmp"]
 
 
@@ -77,7 +77,7 @@ def test_every_preset_and_every_job_of_its_grid_validates(preset, n_jobs):
             for key, value in zip(values, setting):
                 OmegaConf.update(composed, key, yaml.safe_load(value))  # as Hydra parses an override
             run, _ = validate(composed)
-            assert run.role == "compressed" and run.build_compression() is not None
+            assert run.build_compression() is not None
             jobs += 1
     assert jobs == n_jobs
     if preset == "paper":
