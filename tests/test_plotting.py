@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pandas as pd
 import pytest
-from report_data import V1, results_dir
+from report_data import GEMMA, SMOL, V1, results_dir, tables, two_models
 
 from knormpress.report.claims import load_seed
 from knormpress.report.figures import FIGURES, Palette, save_all
@@ -37,21 +37,22 @@ def test_all_figures_are_valid_pngs(v1, tmp_path):
         assert path.stat().st_size > (20_000 if path.name in list(FIGURES)[:4] else 5_000)  # v1 has no retrieval runs
 
 
-def retrieval_runs() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A passkey and a needle experiment: a baseline and two strategies at ratios 0.5 and 0.9, 2 x 2 cells of 2 trials."""
+def retrieval_runs(models: tuple[str, ...] = (SMOL,)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per model, a passkey and a needle experiment: a baseline and two strategies at ratios 0.5 and
+    0.9, 2 x 2 cells of 2 trials."""
     from knormpress.metrics import wilson
     from knormpress.report.runs import tidy
 
     rng = np.random.default_rng(0)
     rows, trials = [], []
-    for exp in ("passkey", "needle"):
+    for model, exp in ((m, e) for m in models for e in ("passkey", "needle")):
         for strategy, ratio in (("none", None), ("keep_low", 0.5), ("keep_low", 0.9), ("random", 0.5), ("random", 0.9)):
-            run_id = f"{exp}-{strategy}-{ratio}"
+            run_id = f"{model}-{exp}-{strategy}-{ratio}"
             correct = rng.random(8) < (1.0 if ratio is None else 1.3 - ratio)
             lo, hi = wilson(int(correct.sum()), 8)
             rows.append({"run_id": run_id, "experiment": exp, "role": "baseline" if ratio is None else "compressed",
                          "strategy": strategy, "ratio": ratio, "when": "prefill", "accuracy": correct.mean(),
-                         "accuracy_lo": lo, "accuracy_hi": hi, "start_time": 0})
+                         "accuracy_lo": lo, "accuracy_hi": hi, "start_time": 0, "model": model})
             trials += [{"run_id": run_id, "text_id": f"t{i}", "length": [1024, 2048][i % 2], "depth": [0.0, 0.5][i // 4],
                         "correct": bool(c)} for i, c in enumerate(correct)]
     return tidy(pd.DataFrame(rows)), pd.DataFrame(trials)
@@ -66,6 +67,18 @@ def test_retrieval_figures_draw_every_strategy(tmp_path):
     for name in ("passkey_accuracy.png", "needle_heatmap.png"):
         FIGURES[name](runs, texts).savefig(tmp_path / name, dpi=150)
         assert (tmp_path / name).stat().st_size > 20_000
+
+
+def test_retrieval_figures_give_each_model_its_own_panels():
+    runs, texts = retrieval_runs((SMOL, GEMMA))
+    passkey = FIGURES["passkey_accuracy.png"](runs, texts)
+    assert [sub.get_suptitle().split(" on ")[0] for sub in passkey.subfigs] == [GEMMA, SMOL]  # same experiments: by name
+    for sub, model in zip(passkey.subfigs, (GEMMA, SMOL)):
+        keep_low = runs[(runs.model == model) & (runs.strategy == "keep_low") & (runs.experiment == "passkey")]
+        points = sub.axes[0].containers[0].lines[0].get_xydata()
+        assert np.allclose(points[:, 1], 100 * keep_low.sort_values("ratio").accuracy)  # its own model's runs
+    needle = FIGURES["needle_heatmap.png"](runs, texts)
+    assert [[a.get_title() for a in sub.axes[:3]] for sub in needle.subfigs] == [["baseline", "keep_low", "random"]] * 2
 
 
 def test_tradeoff_labels_every_config_once(v1):
@@ -102,3 +115,25 @@ def test_palette_keeps_known_colours_and_orders_the_rest():
     assert Palette(["alpha", "zeta"], config).colors == {**config["colors"], "alpha": config["palette"][0],
                                                          "zeta": config["palette"][1]}
     assert palette.ordered(["zeta", "alpha", "random", "keep_low"]) == ["keep_low", "random", "alpha", "zeta"]
+
+
+def test_two_models_get_a_row_of_panels_each(tmp_path):
+    runs, texts = tables(two_models())
+    fig = FIGURES["strategy_comparison.png"](runs, texts)
+    assert [sub.get_suptitle().split(" on ")[0] for sub in fig.subfigs] == [SMOL, GEMMA]
+    assert fig.get_suptitle() == "Strategies at keep_ratio 0.5"
+    ppl_values = [[t.get_text() for t in sub.axes[0].texts] for sub in fig.subfigs]
+    # baseline, keep_low, random, recent_only: factors x exp(3.48) = x 32.4597
+    assert ppl_values == [["32.46", "34.08", "35.71", "36.68"], ["25.97", "31.16", "28.05", "28.56"]]
+    tradeoff = FIGURES["ppl_accuracy_tradeoff.png"](runs, texts)
+    assert [len(sub.axes) for sub in tradeoff.subfigs] == [1, 1]
+    for sub, keep_low in zip(tradeoff.subfigs, ([5.0, -3.0], [20.0, -10.0])):
+        ax = sub.axes[0]
+        assert sorted(t.get_text() for t in ax.texts) == ["keep_low 0.5", "random 0.5", "recent_only 0.5"]
+        assert ax.containers[0].lines[0].get_xydata().tolist() == [keep_low]  # its own model's point
+    for name in ("keep_ratio_analysis.png", "improvement_summary.png"):  # only SmolLM2 ran them: one row, as before
+        one = FIGURES[name](runs, texts)
+        assert one.subfigs == [] and SMOL in one.get_suptitle() and GEMMA not in one.get_suptitle()
+    for drawn, size in ((fig, (550, 2 * 230)), (tradeoff, (450, 2 * 325))):  # one model: 11 x 4.6 and 9 x 6.5 in
+        drawn.savefig(tmp_path / "figure.png", dpi=50)
+        assert png_size(tmp_path / "figure.png") == size  # a row per model

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from report_data import per_text, seed_like, tables
+from report_data import GEMMA, SMOL, per_text, seed_like, tables, two_models
 
 from knormpress.errors import ConfigError
 from knormpress.report.claims import claims, improvements, load_seed, rule_lines
@@ -41,19 +41,22 @@ def _replace(specs: list[tuple], run_id: str, **changes) -> list[tuple]:
     return out
 
 
+SEED_LIKE_VERDICTS = {
+    STRATEGIES_PPL: HOLDS,  # -4.55% vs random, -7.08% vs recent_only
+    STRATEGIES_ACC: HOLDS,  # +2.11%, +2.32%
+    EVERY_RATIO: HOLDS,  # -1.85, -3.67, -5.45, -3.60%
+    BEST_RATIO: HOLDS,  # r=0.5 (1.04) beats the best outside, r=0.3 (1.06): -1.89%
+    TEMPORAL_PPL: FAILS, TEMPORAL_ACC: FAILS,  # identical runs
+    MIXED_PPL: HOLDS,  # 1.04 / 1.08: -3.70%, inside -5..-3%
+    MIXED_ACC: HOLDS,  # 0.98 / 0.965: +1.55%, inside 1..2%
+    MEMORY: HOLDS,  # 83.4% within 83 +- 1
+    PASSKEY: UNMEASURABLE, NEEDLE: UNMEASURABLE,  # no retrieval runs
+}
+
+
 def test_seed_like_runs():
     table = _claims(seed_like())
-    assert table.verdict.to_dict() == {
-        STRATEGIES_PPL: HOLDS,  # -4.55% vs random, -7.08% vs recent_only
-        STRATEGIES_ACC: HOLDS,  # +2.11%, +2.32%
-        EVERY_RATIO: HOLDS,  # -1.85, -3.67, -5.45, -3.60%
-        BEST_RATIO: HOLDS,  # r=0.5 (1.04) beats the best outside, r=0.3 (1.06): -1.89%
-        TEMPORAL_PPL: FAILS, TEMPORAL_ACC: FAILS,  # identical runs
-        MIXED_PPL: HOLDS,  # 1.04 / 1.08: -3.70%, inside -5..-3%
-        MIXED_ACC: HOLDS,  # 0.98 / 0.965: +1.55%, inside 1..2%
-        MEMORY: HOLDS,  # 83.4% within 83 +- 1
-        PASSKEY: UNMEASURABLE, NEEDLE: UNMEASURABLE,  # no retrieval runs
-    }
+    assert table.verdict.to_dict() == SEED_LIKE_VERDICTS
     assert table.measured[STRATEGIES_PPL] == "vs random: -4.55% [-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08]"
     assert table.measured[EVERY_RATIO].startswith("r=0.3: -1.85% [-1.85, -1.85]; r=0.4: -3.67%")
     assert table.measured[BEST_RATIO] == "argmin r=0.5; best inside (r=0.5) vs outside (r=0.3): -1.89% [-1.89, -1.89]"
@@ -125,12 +128,39 @@ def test_claims_are_data():
     ])
     table = claims(runs, texts, seed)
     assert table.to_dict("records") == [
-        {"claim": "foo beats bar", "claimed": "< 0%", "measured": "vs bar: -10.00% [-10.00, -10.00]", "verdict": HOLDS},
-        {"claim": "foo is fast", "claimed": "2 s", "measured": "2.3", "verdict": HOLDS},
-        {"claim": "foo peaks at 0.2-0.3", "claimed": "argmax in range",
+        {"model": "tiny", "claim": "foo beats bar", "claimed": "< 0%", "measured": "vs bar: -10.00% [-10.00, -10.00]",
+         "verdict": HOLDS},
+        {"model": "tiny", "claim": "foo is fast", "claimed": "2 s", "measured": "2.3", "verdict": HOLDS},
+        {"model": "tiny", "claim": "foo peaks at 0.2-0.3", "claimed": "argmax in range",
          "measured": "argmax keep_ratio=0.25; best inside (keep_ratio=0.25) vs outside (keep_ratio=0.5): +2.00% "
                      "[+2.00, +2.00]", "verdict": HOLDS},
     ]
+
+
+def test_two_models_are_decided_apart():
+    """Gemma's runs share strategies and text ids with SmolLM2's and are newer: any pick or pairing
+    across models would change SmolLM2's numbers or mix them into Gemma's."""
+    table = claims(*tables(two_models()))
+    assert table.model.tolist() == [SMOL] * 11 + [GEMMA] * 11  # SmolLM2 ran more experiments
+    smol, gemma = (table[table.model == m].set_index("claim") for m in (SMOL, GEMMA))
+    assert smol.verdict.to_dict() == SEED_LIKE_VERDICTS
+    assert smol.measured[STRATEGIES_PPL] == "vs random: -4.55% [-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08]"
+    assert smol.measured[MEMORY].startswith("83.4%")
+    assert gemma.verdict.to_dict() == {
+        STRATEGIES_PPL: FAILS,  # 0.96 / 0.864: +11.11% vs random, 0.96 / 0.88: +9.09% vs recent_only
+        STRATEGIES_ACC: FAILS,  # 0.99 / 1.056: -6.25%, 0.99 / 1.045: -5.26%
+        EVERY_RATIO: UNMEASURABLE, BEST_RATIO: UNMEASURABLE,  # keep_ratio not run for Gemma
+        TEMPORAL_PPL: UNMEASURABLE, TEMPORAL_ACC: UNMEASURABLE, MIXED_PPL: UNMEASURABLE,  # nor ablations
+        MIXED_ACC: UNMEASURABLE,
+        MEMORY: FAILS,  # 70%
+        PASSKEY: UNMEASURABLE, NEEDLE: UNMEASURABLE,  # no retrieval runs
+    }
+    assert gemma.measured[STRATEGIES_PPL] == ("vs random: +11.11% [+11.11, +11.11]; "
+                                              "vs recent_only: +9.09% [+9.09, +9.09]")
+    assert gemma.measured[STRATEGIES_ACC] == "vs random: -6.25% [-6.25, -6.25]; vs recent_only: -5.26% [-5.26, -5.26]"
+    assert (gemma.measured[EVERY_RATIO], gemma.measured[BEST_RATIO]) == ("no runs", "no runs")
+    assert gemma.measured[MIXED_PPL] == "keep_ratio 0.5 vs 0: no runs"
+    assert gemma.measured[MEMORY] == "70.0% of KV bytes, uncompressed skip layers included"
 
 
 def test_improvements_for_the_figure():
@@ -142,6 +172,11 @@ def test_improvements_for_the_figure():
         ("mixed retention", "keep_ratio 0.5 vs 0", "ppl", (-5.0, -3.0), HOLDS),
         ("mixed retention", "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), HOLDS),
     ]
+    got = [(i["model"], i["improvement"], i["metric"], i["verdict"]) for i in improvements(*tables(two_models()))]
+    assert got == [(SMOL, "temporal order", "ppl", FAILS), (SMOL, "temporal order", "accuracy", FAILS),
+                   (SMOL, "mixed retention", "ppl", HOLDS), (SMOL, "mixed retention", "accuracy", HOLDS),
+                   *[(GEMMA, name, metric, UNMEASURABLE) for name in ("temporal order", "mixed retention")
+                     for metric in ("ppl", "accuracy")]]
 
 
 def test_packaged_seed_data():
@@ -167,14 +202,15 @@ def test_bad_seed_files(tmp_path):
         load_seed(path)
 
 
-def retrieval(base: list[bool], low: list[bool]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A passkey baseline and keep_low at ratio 0.9 with these per-trial outcomes."""
+def retrieval(base: list[bool], low: list[bool], model: str = "tiny") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A passkey baseline and keep_low at ratio 0.9 of one model with these per-trial outcomes."""
     from knormpress.report.runs import tidy
 
     runs, texts = [], []
-    for run_id, role, strategy, ratio, correct in (("b", "baseline", "none", None, base), ("k", "compressed", "keep_low", 0.9, low)):
+    for name, role, strategy, ratio, correct in (("b", "baseline", "none", None, base), ("k", "compressed", "keep_low", 0.9, low)):
+        run_id = f"{model}-{name}"
         runs.append({"run_id": run_id, "experiment": "passkey", "role": role, "strategy": strategy, "ratio": ratio,
-                     "accuracy": np.mean(correct), "start_time": 0})
+                     "accuracy": np.mean(correct), "start_time": 0, "model": model})
         texts += [{"run_id": run_id, "text_id": f"t{i}", "correct": c} for i, c in enumerate(correct)]
     return tidy(pd.DataFrame(runs)), pd.DataFrame(texts)
 
@@ -188,3 +224,12 @@ def test_no_loss_claims_on_retrieval_trials(base, low, want, measured):
     table = claims(*retrieval(base, low)).set_index("claim")
     assert table.verdict[PASSKEY] == want and table.measured[PASSKEY].startswith(f"vs baseline: {measured}")
     assert table.verdict[NEEDLE] == UNMEASURABLE
+
+
+def test_retrieval_claims_are_decided_per_model():
+    """Same text ids in both models: pairing across models would mix Gemma's lost trials into SmolLM2's."""
+    smol, gemma = retrieval([True] * 10, [True] * 10, SMOL), retrieval([True] * 10, [False] * 10, GEMMA)
+    table = claims(*(pd.concat([a, b], ignore_index=True) for a, b in zip(smol, gemma)))
+    got = table[table.claim == PASSKEY].set_index("model")
+    assert got.verdict.to_dict() == {GEMMA: FAILS, SMOL: HOLDS}  # same number of experiments: by name
+    assert got.measured[GEMMA] == "vs baseline: -100.00% [-100.00, -100.00]"
