@@ -10,10 +10,14 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from knormpress.errors import ConfigError
+from knormpress.errors import ConfigError, choose
 from knormpress.eviction import Budget, select
 from knormpress.registry import settings
+from knormpress.rotary import Rotary
 from knormpress.strategies import CacheView, Strategy, get_strategy
+
+
+POSITIONS = ("true", "rerotate")  # see the README, "Positions after pruning"
 
 
 @dataclass
@@ -29,9 +33,16 @@ class Compression:
     skip_layers: Sequence[int] = (0, 1)
     sort_by_time: bool = True
     n_sink: int = 0
+    positions: str = "true"  # POSITIONS: where kept keys sit after pruning (true positions or re-rotated to slots)
+    interval: int = 1  # prune back to fix_kv_size once the cache reaches fix_kv_size + interval tokens
 
     def __post_init__(self) -> None:
         self.strategy = get_strategy(self.strategy)
+        if self.positions is True:  # YAML and Hydra read `positions: true` as a boolean
+            self.positions = "true"
+        choose("positions", self.positions, POSITIONS)
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ConfigError(f"interval must be an integer >= 1 (1: prune after every token), got {self.interval!r}")
         if isinstance(self.fix_kv_size, bool) or not isinstance(self.fix_kv_size, int) or self.fix_kv_size < 1:
             raise ConfigError(f"fix_kv_size must be an integer >= 1, got {self.fix_kv_size!r}")
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) or not 0 <= self.keep_ratio <= 1:
@@ -77,11 +88,21 @@ class CacheCompressor:
 
     The absolute position of every cached token is remembered on the layer (`knorm_positions`)
     so the recent window, sinks, ties and the random strategy stay right after reordering;
-    tokens the model appended since the last call are new positions, in order.
+    tokens the model appended since the last call are new positions, in order. A layer is pruned
+    once it holds fix_kv_size + interval tokens.
+
+    With `positions="rerotate"` every key of a compressed layer is rotated at its index in the
+    cache: pruning rotates each kept key from its old index to its new one with `rotary` (the
+    model's own rotary embedding), and the engines' attention puts each new token at the next
+    index (`knormpress.engines.attention.shift_new_tokens`).
     """
 
-    def __init__(self, compression: Compression) -> None:
+    def __init__(self, compression: Compression, rotary: Rotary | None = None) -> None:
+        if compression.positions == "rerotate" and rotary is None:
+            raise ConfigError("positions='rerotate' moves keys with the model's rotary embedding, which a bare cache "
+                              "does not hold; run it through knormpress.evaluate or knormpress.run_engine")
         self.compression = compression
+        self.rotary = rotary if compression.positions == "rerotate" else None
 
     def __call__(self, cache: DynamicCache, attention: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
         """Prune every compressed layer of `cache` to the budget. `attention`: per layer, the last
@@ -98,7 +119,7 @@ class CacheCompressor:
             if total is not None:
                 total = _accumulate(getattr(layer, "knorm_attention_sum", None), total)
                 layer.knorm_attention_sum = total
-            if layer.keys.shape[-2] <= c.fix_kv_size:
+            if layer.keys.shape[-2] < c.fix_kv_size + c.interval:
                 continue
             if c.strategy.needs_attention and total is None:
                 raise ConfigError(
@@ -112,6 +133,8 @@ class CacheCompressor:
                 layer.knorm_attention_sum = total.gather(-1, keep)
             layer.keys = layer.keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, layer.values.shape[-1]))
+            if self.rotary is not None:  # each kept key from its old index to its new one
+                layer.keys = self.rotary.shift(layer.keys, torch.arange(keep.shape[-1], device=keep.device) - keep, idx)
             layer.knorm_positions = positions.gather(-1, keep)
             layer.knorm_length = length
         return cache

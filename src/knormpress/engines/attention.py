@@ -17,6 +17,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from knormpress.rotary import Rotary
+
 PLAN: ContextVar[Any] = ContextVar("knorm_plan", default=None)
 
 
@@ -56,15 +58,33 @@ def attend(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 RECORD = "knorm_record"
 
 
+def shift_new_tokens(rotary: Rotary, query: torch.Tensor, key: torch.Tensor, start: int, layer: int) -> torch.Tensor:
+    """positions=rerotate, token by token: the call's q tokens arrive rotated at their true positions
+    start.., but the layer's cache holds n - q earlier keys at indices 0..n-q-1, so they belong at
+    n-q..n-1. Rotates the new keys in place (`key` is the cache layer's own tensor) and returns the
+    query, both moved by n - q - start."""
+    q, n = query.shape[2], key.shape[2]
+    delta = n - q - start
+    if delta == 0:
+        return query
+    key[:, :, n - q:] = rotary.shift(key[:, :, n - q:], delta, layer)
+    return rotary.shift(query, delta, layer)
+
+
 def recording_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Exact attention for the token-by-token engine that also records, per compressed layer, what
-    attention-based strategies score from: the last query's weights (B, Hq, n) and the weights
-    summed over the call's queries and each KV group (B, Hkv, n). The cache holds n - q earlier
-    tokens, then this call's q tokens in order, so query i sees keys 0 .. n - q + i. Layers that
-    are not compressed (skipped, sliding-window) run transformers' own SDPA path untouched."""
+    """Exact attention for the token-by-token engine that puts new tokens at their slots under
+    positions=rerotate and records, per compressed layer, what attention-based strategies score
+    from: the last query's weights (B, Hq, n) and the weights summed over the call's queries and
+    each KV group (B, Hkv, n). The cache holds n - q earlier tokens, then this call's q tokens in
+    order, so query i sees keys 0 .. n - q + i. Layers that are not compressed (skipped,
+    sliding-window) run transformers' own SDPA path untouched."""
     plan = PLAN.get()
     layer = module.layer_idx
     if layer in plan.compression.skip_layers or kwargs.get("sliding_window") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if plan.rotary is not None:
+        query = shift_new_tokens(plan.rotary, query, key, plan.start, layer)
+    if not plan.record:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     q, n = query.shape[2], key.shape[2]
     visible = torch.arange(n, device=key.device) <= (n - q) + torch.arange(q, device=key.device).view(-1, 1)

@@ -56,11 +56,11 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     if window != plan.windows[layer]:  # the held memory below must be what the streaming engine's cache holds
         raise ConfigError(f"layer {layer} attends with sliding_window={window} but transformers' cache for this model "
                           f"uses {plan.windows[layer]}; the engines cannot reproduce this model exactly")
-    if c is None or window is not None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
+    if c is None or window is not None or layer in c.skip_layers or T <= c.fix_kv_size + c.interval:
         plan.held[layer] = (held_uncompressed(T, window), per_token)
         return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
     positions = torch.arange(T, device=key.device).expand(key.shape[:3])
-    exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget)
+    exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget, c.interval)
     plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
     return _blockwise(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
 
