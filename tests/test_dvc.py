@@ -18,7 +18,7 @@ from knormpress.config import CONF_DIR, config_hash, validate
 pytestmark = pytest.mark.slow  # a dozen dvc commands, seconds each
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-EXPERIMENTS = ("strategies", "keep_ratio", "ablations")
+EXPERIMENTS = ("strategies", "keep_ratio", "ablations", "interval")
 PLOTS = ("keep_ratio_ppl", "keep_ratio_accuracy", "ppl_vs_memory")
 
 
