@@ -117,10 +117,39 @@ def test_the_spec_round_trips_through_its_config_node():
     c = Compression({"name": "random", "seed": 7}, fix_kv_size=64, keep_ratio=0, skip_layers=[3, 1, 1], n_sink=2)
     node = c.to_dict()
     assert node == {"strategy": {"name": "random", "seed": 7}, "fix_kv_size": 64, "keep_ratio": 0.0,
-                    "skip_layers": [1, 3], "sort_by_time": True, "n_sink": 2}
+                    "skip_layers": [1, 3], "sort_by_time": True, "n_sink": 2, "positions": "true",
+                    "interval": 1}
     assert Compression.from_dict(node) == c
 
 
 def test_a_spec_and_keywords_together_are_refused(model, text_ids):
     with pytest.raises(ConfigError, match="either a Compression or its settings"):
         fix_size_l2_compress(filled_cache(model, text_ids[:10]), Compression(), fix_kv_size=8)
+
+
+def test_a_layer_is_pruned_once_it_holds_budget_plus_interval(model, text_ids):
+    c = Compression(fix_kv_size=20, keep_ratio=0.5, skip_layers=[], interval=8)
+    waiting, due = filled_cache(model, text_ids[:27]), filled_cache(model, text_ids[:28])
+    fix_size_l2_compress(waiting, c)
+    fix_size_l2_compress(due, c)
+    assert {l.keys.shape[-2] for l in waiting.layers} == {27} and {l.keys.shape[-2] for l in due.layers} == {20}
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"positions": "bogus"}, "unknown positions 'bogus'; choose one of true, rerotate"),
+    ({"positions": False}, "unknown positions False; choose one of true, rerotate"),
+    ({"interval": 0}, "interval must be an integer >= 1"),
+    ({"interval": 2.5}, "interval must be an integer >= 1"),
+])
+def test_bad_positions_and_interval_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        Compression(**settings)
+
+
+def test_positions_read_as_a_yaml_boolean_mean_true():
+    assert Compression(positions=True).positions == "true"
+
+
+def test_rerotate_on_a_bare_cache_says_how_to_run_it(model, text_ids):
+    with pytest.raises(ConfigError, match="positions='rerotate' moves keys with the model's rotary embedding"):
+        fix_size_l2_compress(filled_cache(model, text_ids[:40]), fix_kv_size=20, positions="rerotate")
