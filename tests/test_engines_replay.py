@@ -60,9 +60,10 @@ def test_replay_equals_streaming_whole_grid(models, ids, arch, strategy, keep_ra
 
 STATIC = sorted(n for n, cls in STRATEGIES.items() if cls.static)
 # positions x interval x sort_by_time for every replayable strategy; static ones with true positions also masked
+# (under true positions sort_by_time only reorders the cache, which GRID covers)
 POLICY_GRID = [(arch, s, pos, interval, sort, engine) for arch, s, pos, interval, sort in
                itertools.product(["gpt_neox", "llama"], REPLAYABLE, ["true", "rerotate"], [1, 5], [True, False])
-               for engine in ["replay"] + (["masked"] if s in STATIC and pos == "true" else [])]
+               if sort or pos == "rerotate" for engine in ["replay"] + (["masked"] if s in STATIC and pos == "true" else [])]
 POLICY_FAST = [("gpt_neox", "keep_low", "rerotate", 1, False, "replay"), ("llama", "h2o", "rerotate", 5, True, "replay"),
                ("llama", "keep_low", "true", 5, True, "masked"), ("gpt_neox", "tova", "true", 5, False, "replay"),
                ("llama", "keydiff", "rerotate", 1, False, "replay"), ("gpt_neox", "sinks", "rerotate", 5, True, "replay")]
@@ -70,7 +71,7 @@ POLICY_FAST = [("gpt_neox", "keep_low", "rerotate", 1, False, "replay"), ("llama
 
 def check_policy(models, ids, arch, strategy, positions, interval, sort_by_time, engine):
     skip, n_sink = ((0,), 4) if strategy == "sinks" or interval == 5 else ((), 0)
-    check(models[arch], ids[:90], strategy, 0.5, skip, n_sink, 24, engine, positions=positions, interval=interval,
+    check(models[arch], ids[:80], strategy, 0.5, skip, n_sink, 24, engine, positions=positions, interval=interval,
           sort_by_time=sort_by_time)
 
 

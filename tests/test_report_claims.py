@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from report_data import per_text, seed_like, tables
+from report_data import per_text, rerotated_ablations, seed_like, tables
 
 from knormpress.errors import ConfigError
 from knormpress.report.claims import claims, improvements, load_seed, rule_lines
@@ -17,8 +17,10 @@ STRATEGIES_PPL = "keep_low has lower PPL than random and recent_only at keep_rat
 STRATEGIES_ACC = "keep_low has higher accuracy than random and recent_only at keep_ratio 0.5"
 EVERY_RATIO = "keep_low has lower PPL than random at every keep_ratio"
 BEST_RATIO = "best keep_ratio for keep_low (lowest PPL) is 0.4-0.5"
-TEMPORAL_PPL, TEMPORAL_ACC = "temporal order lowers PPL by 2-5%", "temporal order raises accuracy by 0.5-1%"
-MIXED_PPL, MIXED_ACC = "mixed retention lowers PPL by 3-5%", "mixed retention raises accuracy by 1-2%"
+TRUE, REROTATE = " (positions=true)", " (positions=rerotate)"  # the ablation claims, one verdict per policy
+TEMPORAL_PPL, TEMPORAL_ACC = "temporal order lowers PPL by 2-5%" + TRUE, "temporal order raises accuracy by 0.5-1%" + TRUE
+MIXED_PPL, MIXED_ACC = "mixed retention lowers PPL by 3-5%" + TRUE, "mixed retention raises accuracy by 1-2%" + TRUE
+PER_POLICY = [TEMPORAL_PPL, TEMPORAL_ACC, MIXED_PPL, MIXED_ACC]
 MEMORY = "memory saving 83% (3000 -> 512 tokens)"
 
 
@@ -49,6 +51,7 @@ def test_seed_like_runs():
         TEMPORAL_PPL: FAILS, TEMPORAL_ACC: FAILS,  # identical runs
         MIXED_PPL: HOLDS,  # 1.04 / 1.08: -3.70%, inside -5..-3%
         MIXED_ACC: HOLDS,  # 0.98 / 0.965: +1.55%, inside 1..2%
+        **{c.replace(TRUE, REROTATE): UNMEASURABLE for c in PER_POLICY},  # no rerotate runs
         MEMORY: HOLDS,  # 83.4% within 83 +- 1
     }
     assert table.measured[STRATEGIES_PPL] == "vs random: -4.55% [-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08]"
@@ -59,8 +62,19 @@ def test_seed_like_runs():
     assert table.claimed.to_dict() == {
         STRATEGIES_PPL: "< 0%", STRATEGIES_ACC: "> 0%", EVERY_RATIO: "< 0%", BEST_RATIO: "argmin in range",
         TEMPORAL_PPL: "-5 to -2%", TEMPORAL_ACC: "+0.5 to +1%", MIXED_PPL: "-5 to -3%", MIXED_ACC: "+1 to +2%",
-        MEMORY: "83%",
+        **{c.replace(TRUE, REROTATE): table.claimed[c] for c in PER_POLICY}, MEMORY: "83%",
     }
+
+
+def test_each_position_policy_gets_its_own_verdict():
+    """Time order cannot matter under true positions (identical runs) and can under rerotate."""
+    table = _claims(seed_like() + rerotated_ablations())
+    assert table.verdict[TEMPORAL_PPL] == table.verdict[TEMPORAL_ACC] == FAILS
+    assert table.verdict[TEMPORAL_PPL.replace(TRUE, REROTATE)] == HOLDS  # 1.04 / 1.08: -3.70%
+    assert table.verdict[TEMPORAL_ACC.replace(TRUE, REROTATE)] == HOLDS  # 0.98 / 0.975: +0.51%
+    assert table.verdict[MIXED_PPL.replace(TRUE, REROTATE)] == FAILS  # 1.04 / 1.05: -0.95%
+    assert table.measured[TEMPORAL_PPL.replace(TRUE, REROTATE)] == "sorted vs unsorted: -3.70% [-3.70, -3.70]"
+    assert list(table.index).count(TEMPORAL_PPL) == 1  # the other experiments' runs do not add policies
 
 
 @pytest.mark.parametrize(("changes", "claim", "want"), [
@@ -134,10 +148,14 @@ def test_improvements_for_the_figure():
     got = [(i["improvement"], i["label"], i["metric"], i["claimed"], i["verdict"])
            for i in improvements(*tables(seed_like()))]
     assert got == [
-        ("temporal order", "sorted vs unsorted", "ppl", (-5.0, -2.0), FAILS),
-        ("temporal order", "sorted vs unsorted", "accuracy", (0.5, 1.0), FAILS),
-        ("mixed retention", "keep_ratio 0.5 vs 0", "ppl", (-5.0, -3.0), HOLDS),
-        ("mixed retention", "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), HOLDS),
+        ("temporal order" + TRUE, "sorted vs unsorted", "ppl", (-5.0, -2.0), FAILS),
+        ("temporal order" + REROTATE, "sorted vs unsorted", "ppl", (-5.0, -2.0), UNMEASURABLE),
+        ("temporal order" + TRUE, "sorted vs unsorted", "accuracy", (0.5, 1.0), FAILS),
+        ("temporal order" + REROTATE, "sorted vs unsorted", "accuracy", (0.5, 1.0), UNMEASURABLE),
+        ("mixed retention" + TRUE, "keep_ratio 0.5 vs 0", "ppl", (-5.0, -3.0), HOLDS),
+        ("mixed retention" + REROTATE, "keep_ratio 0.5 vs 0", "ppl", (-5.0, -3.0), UNMEASURABLE),
+        ("mixed retention" + TRUE, "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), HOLDS),
+        ("mixed retention" + REROTATE, "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), UNMEASURABLE),
     ]
 
 

@@ -8,26 +8,62 @@ import sys
 from pathlib import Path
 
 import yaml
-from report_data import V1, results_dir
+from report_data import V1, interval_sweep, results_dir, tables
 
 from knormpress.report.runs import read_results
-from knormpress.report.summary import summary_markdown
+from knormpress.report.claims import load_seed
+from knormpress.report.summary import summary_markdown, sweep_table
 
 ROOT = Path(__file__).parents[1]
 GENERIC = "\n## Runs per experiment\n"
 
 
+def per_policy(v1: str) -> str:
+    """The v1 summary with each ablation claim split into one row per position policy (the v1 runs
+    computed true positions: rerotate has no runs), the claims' note, and the (empty) interval sweep."""
+    lines = []
+    for line in v1.split("\n"):
+        claim = next((c for c in ("temporal order", "mixed retention") if line.startswith(f"| {c}")), None)
+        if claim is None:
+            lines.append(line)
+            continue
+        text, claimed, measured, _ = line.strip("| ").split(" | ")
+        lines += [line.replace(text, text + " (positions=true)"),
+                  f"| {text} (positions=rerotate) | {claimed} | {measured.split(':')[0]}: no runs | not measurable |"]
+    out = "\n".join(lines)
+    note = "Keys are cached after rotary embedding, so under positions=true every kept key keeps the rotation"
+    out = out.replace("\n\n## Table 1", f"\n\n{note}" + "{NOTE}\n\n## Table 1")
+    return out
+
+
 def test_v1_results_give_the_v1_summary_plus_the_runs_section():
     text = summary_markdown(*read_results(V1))
     before, runs_section = text.split(GENERIC)
-    assert before == (V1 / "summary.md").read_text()  # written by the code this package replaced
+    want = per_policy((V1 / "summary.md").read_text())  # written by the code this package replaced
+    head, tail = want.split("{NOTE}")
+    assert before.startswith(head) and tail.rstrip("\n") in before
+    assert "the temporal-order claim can hold at all only under positions=rerotate" in before
+    assert "## Compression interval" in before and "not run: no runs in experiment `interval`" in before
     assert [line for line in runs_section.splitlines() if line.startswith("### ")] == [
         "### `ablations`", "### `keep_ratio`", "### `strategies`"]
     assert ("| 4de27c56 | sinks | 4 | 41.88 [33.55, 64.87] | 0.3518 [0.3021, 0.3775] | 38.69 | 0.3599 | "
             "8.268 [4.772, 11.74] | -2.254 [-2.790, -1.565] | 3 | 8997 |") in runs_section
     assert "| a4cff221 | baseline | — | 38.69 [31.14, 58.05] |" in runs_section
     assert ("task not recorded; compressed runs share keep_ratio=0.5, fix_kv_size=512, sort_by_time=True, "
-            "skip_layers=[0, 1].") in runs_section
+            "skip_layers=[0, 1], positions=true, interval=1.") in runs_section
+
+
+def test_the_interval_sweep_gives_ppl_effects_and_peak_memory():
+    runs, texts = tables(interval_sweep())
+    table = sweep_table(runs, texts, load_seed()["sweeps"][0])
+    assert table.columns.tolist() == ["interval", "PPL [95% CI]", "Acc % [95% CI]", "dPPL % vs interval=1",
+                                      "dAcc % vs interval=1", "kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak"]
+    assert table.interval.tolist() == ["1", "16", "64"]
+    assert table["dPPL % vs interval=1"].tolist()[1:] == ["-0.95% [-0.95, -0.95]", "-2.86% [-2.86, -2.86]"]
+    assert table["dPPL % vs interval=1"][0] == "+0.00% (identical per-text NLLs)"
+    assert table.kv_tokens_peak.tolist() == ["512", "527", "575"] and table.kv_bytes_peak.tolist() == ["1000", "16000", "64000"]
+    text = summary_markdown(runs, texts)
+    assert "| 16 | " in text.split("## Compression interval")[1].split("## Runs per experiment")[0]
 
 
 def test_other_tasks_and_unknown_strategies_appear(tmp_path):
@@ -36,7 +72,7 @@ def test_other_tasks_and_unknown_strategies_appear(tmp_path):
     assert "- `qa_exp`: tiny on quiz, ? texts, ? predicted tokens per run; 3 runs; engine ; git " in text
     section = text.split("### `qa_exp`")[1]
     assert section.splitlines()[2:8] == [
-        "tiny on quiz, ? texts, ? predicted tokens per run; task qa.",
+        "tiny on quiz, ? texts, ? predicted tokens per run; task qa; compressed runs share positions=true, interval=1.",
         "",
         "| run | strategy | keep_ratio | exact_match | f1 |",
         "|---|---|---|---|---|",
@@ -79,12 +115,12 @@ def test_report_modules_load_without_torch_or_mlflow():
 def test_dvc_pipeline_wires_exports_into_plots():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     exported = set()
-    for name in ("strategies", "keep_ratio", "ablations"):
+    for name in ("strategies", "keep_ratio", "ablations", "interval"):
         assert f"experiment={name}" in stages[name]["cmd"] and f"--experiment {name}" in stages[name]["cmd"]
         exported |= {next(iter(o)) if isinstance(o, dict) else o for o in stages[name]["outs"]}
     deps = set(stages["plots"]["deps"])
     assert exported <= deps and "src/knormpress/report" in deps
-    assert all((ROOT / d).exists() for d in deps)
+    assert all((ROOT / d).exists() or d in exported for d in deps)  # a stage builds what is not committed yet
     outs = {next(iter(o)) for o in stages["plots"]["outs"] + stages["plots"].get("plots", [])}  # figures are DVC plots
     assert {f"results/{f}.png" for f in ("strategy_comparison", "keep_ratio_analysis", "ppl_accuracy_tradeoff",
                                           "improvement_summary")} | {"results/summary.md"} == outs

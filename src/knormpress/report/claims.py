@@ -2,7 +2,8 @@
 and decide each one on our runs with the verdict rules of `effects`.
 
 A claim names the experiment whose runs test it and how (its `kind`); the code below knows the
-kinds, never the experiments or strategies, so a new claim is a few lines of YAML.
+kinds, never the experiments or strategies, so a new claim is a few lines of YAML. `per` splits a
+claim into one verdict per value of a setting (e.g. per position policy).
 """
 
 from __future__ import annotations
@@ -109,11 +110,42 @@ KINDS: dict[str, Callable[[dict, pd.DataFrame, pd.DataFrame], dict]] = {
 }
 
 
+SELECTORS = ("a", "runs", "run")  # a claim's run selectors; `b` maps labels to selectors
+
+
+def expanded(seed: dict) -> list[dict]:
+    """The claims with each `per: {COLUMN: [values]}` claim split into one claim per value: the
+    value joins every run selector and the claim's text (and its improvement's name)."""
+    out = []
+    for claim in seed["claims"]:
+        if "per" not in claim:
+            out.append(claim)
+            continue
+        (col, values), = claim["per"].items()
+        for value in values:
+            where = {col: value}
+            one = {k: v for k, v in claim.items() if k != "per"} | {"claim": f"{claim['claim']} ({col}={value})"}
+            one |= {k: claim[k] | where for k in SELECTORS if k in claim}
+            if "b" in claim:
+                one["b"] = {label: sel | where for label, sel in claim["b"].items()}
+            if "improvement" in claim:
+                one["improvement"] = f"{claim['improvement']} ({col}={value})"
+            out.append(one)
+    return out
+
+
 def claims(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> pd.DataFrame:
-    """One row per seed claim: what it says, what was claimed, what we measured, the verdict."""
+    """One row per seed claim (per value of its `per` column): what it says, what was claimed,
+    what we measured, the verdict."""
     seed = seed or load_seed()
-    rows = [{"claim": c["claim"]} | KINDS[c["kind"]](c, runs, texts) for c in seed["claims"]]
+    rows = [{"claim": c["claim"]} | KINDS[c["kind"]](c, runs, texts) for c in expanded(seed)]
     return pd.DataFrame(rows, columns=["claim", "claimed", "measured", "verdict"])
+
+
+def notes(seed: dict | None = None) -> list[str]:
+    """The claims' `note`s, each once: what a reader needs to read their verdicts."""
+    seed = seed or load_seed()
+    return list(dict.fromkeys(c["note"].strip() for c in seed["claims"] if "note" in c))
 
 
 def improvements(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> list[dict]:
@@ -121,7 +153,7 @@ def improvements(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = No
     effect (the first comparison) and verdict: what improvement_summary.png draws."""
     seed = seed or load_seed()
     out = []
-    for claim in seed["claims"]:
+    for claim in expanded(seed):
         if claim["kind"] != "paired" or "improvement" not in claim:
             continue
         effects = comparisons(claim, runs, texts)
