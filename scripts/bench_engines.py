@@ -4,6 +4,7 @@ static strategies, replay for dynamic ones) and the token-by-token streaming eng
 Prints one JSON line per strategy with `speedup_vs_streaming` (streaming / one-pass) and
 `overhead_vs_forward` (one-pass / forward); targets are checked by reading these ratios, not by a
 timed test. Example: python scripts/bench_engines.py --strategy keep_low h2o tova keydiff
+(add --positions rerotate or --interval 64 for the other position policy and pruning interval)
 """
 
 import argparse
@@ -34,6 +35,8 @@ def main() -> None:
     p.add_argument("--keep-ratio", type=float, default=0.5)
     p.add_argument("--strategy", nargs="+", default=["keep_low"])
     p.add_argument("--skip-layers", type=int, nargs="*", default=[0, 1], help="no values: compress every layer")
+    p.add_argument("--positions", default="true", help="true | rerotate: where kept keys sit after pruning")
+    p.add_argument("--interval", type=int, default=1, help="prune back to the budget every N tokens")
     p.add_argument("--no-streaming", dest="streaming", action="store_false", help="skip the slow reference")
     args = p.parse_args()
 
@@ -43,10 +46,11 @@ def main() -> None:
     with torch.no_grad():
         forward = min(seconds(lambda: bundle.model(input_ids=ids[None], use_cache=False))[0] for _ in range(2))
     for name in args.strategy:
-        comp = Compression(name, args.fix_kv_size, args.keep_ratio, args.skip_layers)
+        comp = Compression(name, args.fix_kv_size, args.keep_ratio, args.skip_layers, positions=args.positions,
+                           interval=args.interval)
         out = {"model": bundle.name, "tokens": args.max_tokens, "threads": torch.get_num_threads(), "strategy": name,
-               "fix_kv_size": args.fix_kv_size, "keep_ratio": args.keep_ratio, "forward_s": round(forward, 3),
-               "onepass_engine": pick_engine("auto", comp)}
+               "fix_kv_size": args.fix_kv_size, "keep_ratio": args.keep_ratio, "positions": comp.positions,
+               "interval": comp.interval, "forward_s": round(forward, 3), "onepass_engine": pick_engine("auto", comp)}
         onepass_s, fast = seconds(lambda: evaluate(bundle.model, ids, comp))
         out["onepass_s"], out["overhead_vs_forward"] = round(onepass_s, 3), round(onepass_s / forward, 3)
         if args.streaming and out["onepass_engine"] != "streaming":
