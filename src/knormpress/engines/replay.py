@@ -102,7 +102,7 @@ def _replay(query, key, value, scaling, c: Compression, layer: int,
                     order = select(c.strategy.score(view), slots, t, c.budget, c.sort_by_time)  # (1, Hkv, B)
                     free = _dropped(order, head)
                     if rotary is not None:
-                        _move_to_indices(rotary, keys, rotated, order, layer)
+                        _move_to_indices(rotary, keys, rotated, order, flat, layer)
                 live.view(-1).index_fill_(0, (flat.unsqueeze(-1) + free).view(-1), False)
                 filled = B
             if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
@@ -137,12 +137,16 @@ def _dropped(order: torch.Tensor, n_slots: int) -> torch.Tensor:
     return dropped.nonzero()[:, 1].view(order.shape[1], -1)
 
 
-def _move_to_indices(rotary: Rotary, keys: torch.Tensor, rotated: torch.Tensor, order: torch.Tensor, layer: int) -> None:
-    """Rotate the kept keys (slots `order`, (1, Hkv, B)) from their current index to their index in `order`."""
-    index = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    rows = order.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-    keys.scatter_(2, rows, rotary.shift(keys.gather(2, rows), index - rotated.gather(-1, order), layer))
-    rotated.scatter_(-1, order, index)
+def _move_to_indices(rotary: Rotary, keys: torch.Tensor, rotated: torch.Tensor, order: torch.Tensor, flat: torch.Tensor,
+                     layer: int) -> None:
+    """Rotate the kept keys (slots `order`, (1, Hkv, B)) from their current index to their index in
+    `order`. Whole rows of the flattened slots (row h * n_slots + s), which index_select copies fast."""
+    rows = (flat.unsqueeze(-1) + order[0]).view(-1)
+    index = torch.arange(order.shape[-1], device=order.device).repeat(order.shape[1])
+    table = keys[0].view(-1, keys.shape[-1])
+    moved = rotary.shift(table.index_select(0, rows), index - rotated.view(-1).index_select(0, rows), layer)
+    table.index_copy_(0, rows, moved)
+    rotated.view(-1).index_copy_(0, rows, index)
 
 
 def _gathered(order: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
