@@ -140,9 +140,9 @@ def check_gemma3(model, ids, strategy, keep_ratio, skip, n_sink, monkeypatch):
     compressed = [l for l, w in enumerate(windows) if w is None and l not in c.skip_layers]
     expiries, steps = [], []
 
-    def spy(scores, budget):  # called for the compressed layers, in layer order
-        expiries.append(expiry(scores, budget)[0])
-        return expiry(scores, budget)
+    def spy(scores, budget, interval):  # called for the compressed layers, in layer order
+        expiries.append(expiry(scores, budget, interval)[0])
+        return expiry(scores, budget, interval)
 
     class Recorder(CacheCompressor):
         def __call__(self, cache, *args):
