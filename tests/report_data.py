@@ -94,6 +94,31 @@ def interval_sweep() -> list[tuple]:
         for n, f in ((1, 1.05), (16, 1.04), (64, 1.02))]
 
 
+SMOL, GEMMA = "SmolLM2-135M-Instruct", "Gemma-3-270M"  # Gemma sorts first by name, but ran fewer experiments
+
+
+def two_models() -> list[tuple]:
+    """seed_like() as SmolLM2's runs, plus Gemma's `strategies` runs: other numbers (baseline 0.8 x
+    the PPL, 1.1 x the accuracy of SmolLM2's), the same strategies and text ids, logged later, so
+    a run picked across models would be Gemma's. The strategies runs carry their deltas (%)."""
+    deltas = {"s-low": (5.0, -3.0), "s-rand": (10.0, -5.0), "s-recent": (13.0, -5.2)}
+    smol = [(*spec[:6], (spec[6] if len(spec) > 6 else {}) | {"model": SMOL} | (
+        {"delta_ppl_pct": deltas[spec[0]][0], "delta_accuracy_pct": deltas[spec[0]][1]} if spec[0] in deltas else {}))
+        for spec in seed_like()]
+    gemma = {"model": GEMMA, "start_time": 5, "memory_saving_pct": 70.0}
+
+    def delta(ppl: float, acc: float) -> dict:
+        return gemma | {"delta_ppl_pct": ppl, "delta_accuracy_pct": acc}
+
+    return smol + [  # factors of the shared BASE_*: keep_low 1.20 / 0.90 x Gemma's baseline, random 1.08 / 0.96,
+        # recent_only 1.10 / 0.95
+        ("g-base", "strategies", None, 0.5, 0.8, 1.1, gemma),
+        ("g-low", "strategies", "keep_low", 0.5, 0.96, 0.99, delta(20.0, -10.0)),
+        ("g-rand", "strategies", "random", 0.5, 0.864, 1.056, delta(8.0, -4.0)),
+        ("g-recent", "strategies", "recent_only", 0.5, 0.88, 1.045, delta(10.0, -5.0)),
+    ]
+
+
 # ---- an MLflow store ------------------------------------------------------------------------------
 
 def _log(client, experiment_id: str, root: Path, *, params: dict, tags: dict, metrics: dict, start_time: int,

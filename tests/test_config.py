@@ -13,7 +13,7 @@ from knormpress.errors import ConfigError
 from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
-PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 25}
+PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 40}
 LOCAL = ["dataset.path=/tmp"]
 
 
@@ -77,7 +77,7 @@ def test_every_preset_and_every_job_of_its_grid_validates(preset, n_jobs):
             for key, value in zip(values, setting):
                 OmegaConf.update(composed, key, yaml.safe_load(value))  # as Hydra parses an override
             run, _ = validate(composed)
-            assert run.role == "compressed" and run.build_compression() is not None
+            assert run.build_compression() is not None
             jobs += 1
     assert jobs == n_jobs
     if preset == "paper":
@@ -189,3 +189,8 @@ def test_flatten_gives_the_dotted_param_names():
 
 def test_conf_dir_is_the_repo_conf():
     assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_a_pg19_split_that_does_not_exist_fails_before_any_download():
+    with pytest.raises(ConfigError, match="unknown dataset.split 'tset'; choose one of train, validation, test$"):
+        validate(compose("config", overrides=["dataset=pg19", "dataset.split=tset"]))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from knormpress.config import CONF_DIR, config_hash, validate
+from knormpress.config import CONF_DIR, validate
 
 pytestmark = pytest.mark.slow  # a dozen dvc commands, seconds each
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,37 +57,47 @@ def repo(tmp_path_factory) -> Path:
 def test_the_stages_read_the_study_from_params_yaml(repo):
     from dvc.repo import Repo
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())["study"]
-    assert params == {"models": "smollm2_135m", "dataset": "gutenberg", "n_samples": 3, "max_tokens": 3000}  # today's study
+    study = yaml.safe_load((repo / "params.yaml").read_text())["study"]
+    assert set(study) == {"models", "grid_model", "dataset", "n_samples", "max_tokens"}
+    assert study["n_samples"] >= 10 and len(study["models"].split(",")) >= 2  # the study carries intervals and two models
     stages = {s.name: s for s in Repo(str(repo)).index.stages}
     for name in EXPERIMENTS:
-        assert [p.def_path for p in stages[name].params] == ["params.yaml"] and stages[name].params[0].params == ["study"]
+        model = "models" if name == "strategies" else "grid_model"
+        keys = [f"study.{k}" for k in (model, "dataset", "n_samples", "max_tokens")]
+        assert [p.def_path for p in stages[name].params] == ["params.yaml"] and stages[name].params[0].params == keys
         run = shlex.split(stages[name].cmd.split("&&")[0])
-        assert run[:3] == ["python", "run.py", "-m"] and f"experiment={name}" in run and "eval.n_samples=3" in run
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the same jobs as the bare preset
-            study, preset = (validate(compose("config", overrides=o))[1] for o in (run[3:], [f"experiment={name}"]))
-        assert config_hash(study) == config_hash(preset)
+        assert run[:3] == ["python", "run.py", "-m"] and f"experiment={name}" in run
+        assert f"model={study[model]}" in run and f"eval.n_samples={study['n_samples']}" in run
+        # the preset's own jobs: nothing but the study's keys (and force) is overridden, and it composes
+        assert {a.split("=")[0] for a in run[3:]} == {"experiment", "model", "dataset", "eval.n_samples", "eval.max_tokens", "force"}
+        first = [f"model={study[model].split(',')[0]}" if a.startswith("model=") else a for a in run[3:]]
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            validate(compose("config", overrides=first))
 
 
 def test_params_diff_shows_a_change_of_the_study(repo):
     params = repo / "params.yaml"
     text = params.read_text()
+    n = yaml.safe_load(text)["study"]["n_samples"]
     try:
-        params.write_text(text.replace("n_samples: 3 ", "n_samples: 5 "))
+        params.write_text(text.replace(f"n_samples: {n} ", f"n_samples: {n + 2} "))
         assert json.loads(sh(repo, DVC, "params", "diff", "--json")) == {
-            "params.yaml": {"study.n_samples": {"old": 3, "new": 5, "diff": 2}}}
+            "params.yaml": {"study.n_samples": {"old": n, "new": n + 2, "diff": 2}}}
         table = sh(repo, DVC, "params", "diff")
-        assert "study.n_samples" in table and "3" in table and "5" in table
+        assert "study.n_samples" in table and str(n) in table and str(n + 2) in table
     finally:
         params.write_text(text)
 
 
 def test_exp_run_sets_a_study_param(repo):
     """`dvc exp run -S` edits params.yaml (no Hydra composition: see the README); --dry only prints the commands."""
+    study = yaml.safe_load((repo / "params.yaml").read_text())["study"]
     out = sh(repo, DVC, "exp", "run", "--dry", "-S", "study.n_samples=5")
     for name in EXPERIMENTS:
-        assert f"experiment={name} model=smollm2_135m dataset=gutenberg eval.n_samples=5 eval.max_tokens=3000" in out
-    assert "n_samples: 3 " in (repo / "params.yaml").read_text()
+        model = study["models"] if name == "strategies" else study["grid_model"]
+        assert (f"experiment={name} model={model} dataset={study['dataset']} eval.n_samples=5 "
+                f"eval.max_tokens={study['max_tokens']}") in out
+    assert f"n_samples: {study['n_samples']} " in (repo / "params.yaml").read_text()
 
 
 def test_metrics_show_and_diff_read_the_headline_numbers(repo):

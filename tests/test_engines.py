@@ -69,7 +69,7 @@ def test_streaming_returns_the_compressed_cache_it_ends_with(model, text_ids):
 
 
 # Gemma 3 shape: sliding-window layers (window 16) between full ones; 300 tokens put most keys outside a window.
-GEMMA_ENGINES = ("masked", "streaming")
+GEMMA_ENGINES = ("masked", "replay", "streaming")
 
 
 @pytest.fixture(scope="module")

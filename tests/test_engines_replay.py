@@ -25,7 +25,7 @@ FAST = [(["gpt_neox", "llama"][i % 2], s, 0.5, (0, 1) if i % 3 else (), 4 if s =
 
 @pytest.fixture(scope="module")
 def models():
-    return {arch: tiny_model(arch).double() for arch in ("gpt_neox", "llama")}
+    return {arch: tiny_model(arch).double() for arch in ("gpt_neox", "llama", "gemma3")}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,14 @@ def test_one_pass_engines_equal_streaming_under_positions_and_interval(models, i
 def test_one_pass_engines_equal_streaming_under_positions_and_interval_whole_grid(models, ids, arch, strategy, positions,
                                                                                  interval, sort_by_time, engine):
     check_policy(models, ids, arch, strategy, positions, interval, sort_by_time, engine)
+
+
+# Gemma 3 (sliding-window layers 0, 2 with window 16): sliding layers attend uncompressed inside their
+# window in both engines and end with the same window of keys; every replayable strategy once, skip [].
+@pytest.mark.parametrize("strategy", REPLAYABLE)
+def test_replay_equals_streaming_on_gemma3(models, ids, strategy):
+    a, b = check(models["gemma3"], ids, strategy, 0.5, (), 4 if strategy == "sinks" else 0)
+    assert [layer.keys.shape[-2] for layer in b.cache.layers] == [15, 32, 15, 32]
 
 
 def test_dynamic_strategies_really_differ_from_each_other(models, ids):

@@ -4,7 +4,7 @@ unknown strategy and with another task's experiment; colours follow the data."""
 import struct
 
 import pytest
-from report_data import V1, results_dir
+from report_data import GEMMA, SMOL, V1, results_dir, tables, two_models
 
 from knormpress.report.claims import load_seed
 from knormpress.report.figures import FIGURES, Palette, save_all
@@ -67,3 +67,25 @@ def test_palette_keeps_known_colours_and_orders_the_rest():
     assert Palette(["alpha", "zeta"], config).colors == {**config["colors"], "alpha": config["palette"][0],
                                                          "zeta": config["palette"][1]}
     assert palette.ordered(["zeta", "alpha", "random", "keep_low"]) == ["keep_low", "random", "alpha", "zeta"]
+
+
+def test_two_models_get_a_row_of_panels_each(tmp_path):
+    runs, texts = tables(two_models())
+    fig = FIGURES["strategy_comparison.png"](runs, texts)
+    assert [sub.get_suptitle().split(" on ")[0] for sub in fig.subfigs] == [SMOL, GEMMA]
+    assert fig.get_suptitle() == "Strategies at keep_ratio 0.5"
+    ppl_values = [[t.get_text() for t in sub.axes[0].texts] for sub in fig.subfigs]
+    # baseline, keep_low, random, recent_only: factors x exp(3.48) = x 32.4597
+    assert ppl_values == [["32.46", "34.08", "35.71", "36.68"], ["25.97", "31.16", "28.05", "28.56"]]
+    tradeoff = FIGURES["ppl_accuracy_tradeoff.png"](runs, texts)
+    assert [len(sub.axes) for sub in tradeoff.subfigs] == [1, 1]
+    for sub, keep_low in zip(tradeoff.subfigs, ([5.0, -3.0], [20.0, -10.0])):
+        ax = sub.axes[0]
+        assert sorted(t.get_text() for t in ax.texts) == ["keep_low 0.5", "random 0.5", "recent_only 0.5"]
+        assert ax.containers[0].lines[0].get_xydata().tolist() == [keep_low]  # its own model's point
+    for name in ("keep_ratio_analysis.png", "improvement_summary.png"):  # only SmolLM2 ran them: one row, as before
+        one = FIGURES[name](runs, texts)
+        assert one.subfigs == [] and SMOL in one.get_suptitle() and GEMMA not in one.get_suptitle()
+    for drawn, size in ((fig, (550, 2 * 230)), (tradeoff, (450, 2 * 325))):  # one model: 11 x 4.6 and 9 x 6.5 in
+        drawn.savefig(tmp_path / "figure.png", dpi=50)
+        assert png_size(tmp_path / "figure.png") == size  # a row per model

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from report_data import per_text, rerotated_ablations, seed_like, tables
+from report_data import GEMMA, SMOL, per_text, rerotated_ablations, seed_like, tables, two_models
 
 from knormpress.errors import ConfigError
 from knormpress.report.claims import claims, improvements, load_seed, rule_lines
@@ -41,19 +41,22 @@ def _replace(specs: list[tuple], run_id: str, **changes) -> list[tuple]:
     return out
 
 
+SEED_LIKE_VERDICTS = {
+    STRATEGIES_PPL: HOLDS,  # -4.55% vs random, -7.08% vs recent_only
+    STRATEGIES_ACC: HOLDS,  # +2.11%, +2.32%
+    EVERY_RATIO: HOLDS,  # -1.85, -3.67, -5.45, -3.60%
+    BEST_RATIO: HOLDS,  # r=0.5 (1.04) beats the best outside, r=0.3 (1.06): -1.89%
+    TEMPORAL_PPL: FAILS, TEMPORAL_ACC: FAILS,  # identical runs
+    MIXED_PPL: HOLDS,  # 1.04 / 1.08: -3.70%, inside -5..-3%
+    MIXED_ACC: HOLDS,  # 0.98 / 0.965: +1.55%, inside 1..2%
+    **{c.replace(TRUE, REROTATE): UNMEASURABLE for c in PER_POLICY},  # no rerotate runs
+    MEMORY: HOLDS,  # 83.4% within 83 +- 1
+}
+
+
 def test_seed_like_runs():
     table = _claims(seed_like())
-    assert table.verdict.to_dict() == {
-        STRATEGIES_PPL: HOLDS,  # -4.55% vs random, -7.08% vs recent_only
-        STRATEGIES_ACC: HOLDS,  # +2.11%, +2.32%
-        EVERY_RATIO: HOLDS,  # -1.85, -3.67, -5.45, -3.60%
-        BEST_RATIO: HOLDS,  # r=0.5 (1.04) beats the best outside, r=0.3 (1.06): -1.89%
-        TEMPORAL_PPL: FAILS, TEMPORAL_ACC: FAILS,  # identical runs
-        MIXED_PPL: HOLDS,  # 1.04 / 1.08: -3.70%, inside -5..-3%
-        MIXED_ACC: HOLDS,  # 0.98 / 0.965: +1.55%, inside 1..2%
-        **{c.replace(TRUE, REROTATE): UNMEASURABLE for c in PER_POLICY},  # no rerotate runs
-        MEMORY: HOLDS,  # 83.4% within 83 +- 1
-    }
+    assert table.verdict.to_dict() == SEED_LIKE_VERDICTS
     assert table.measured[STRATEGIES_PPL] == "vs random: -4.55% [-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08]"
     assert table.measured[EVERY_RATIO].startswith("r=0.3: -1.85% [-1.85, -1.85]; r=0.4: -3.67%")
     assert table.measured[BEST_RATIO] == "argmin r=0.5; best inside (r=0.5) vs outside (r=0.3): -1.89% [-1.89, -1.89]"
@@ -136,12 +139,37 @@ def test_claims_are_data():
     ])
     table = claims(runs, texts, seed)
     assert table.to_dict("records") == [
-        {"claim": "foo beats bar", "claimed": "< 0%", "measured": "vs bar: -10.00% [-10.00, -10.00]", "verdict": HOLDS},
-        {"claim": "foo is fast", "claimed": "2 s", "measured": "2.3", "verdict": HOLDS},
-        {"claim": "foo peaks at 0.2-0.3", "claimed": "argmax in range",
+        {"model": "tiny", "claim": "foo beats bar", "claimed": "< 0%", "measured": "vs bar: -10.00% [-10.00, -10.00]",
+         "verdict": HOLDS},
+        {"model": "tiny", "claim": "foo is fast", "claimed": "2 s", "measured": "2.3", "verdict": HOLDS},
+        {"model": "tiny", "claim": "foo peaks at 0.2-0.3", "claimed": "argmax in range",
          "measured": "argmax keep_ratio=0.25; best inside (keep_ratio=0.25) vs outside (keep_ratio=0.5): +2.00% "
                      "[+2.00, +2.00]", "verdict": HOLDS},
     ]
+
+
+def test_two_models_are_decided_apart():
+    """Gemma's runs share strategies and text ids with SmolLM2's and are newer: any pick or pairing
+    across models would change SmolLM2's numbers or mix them into Gemma's."""
+    table = claims(*tables(two_models()))
+    assert table.model.tolist() == [SMOL] * 13 + [GEMMA] * 13  # SmolLM2 ran more experiments; 4 claims per policy
+    smol, gemma = (table[table.model == m].set_index("claim") for m in (SMOL, GEMMA))
+    assert smol.verdict.to_dict() == SEED_LIKE_VERDICTS
+    assert smol.measured[STRATEGIES_PPL] == "vs random: -4.55% [-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08]"
+    assert smol.measured[MEMORY].startswith("83.4%")
+    assert gemma.verdict.to_dict() == {
+        STRATEGIES_PPL: FAILS,  # 0.96 / 0.864: +11.11% vs random, 0.96 / 0.88: +9.09% vs recent_only
+        STRATEGIES_ACC: FAILS,  # 0.99 / 1.056: -6.25%, 0.99 / 1.045: -5.26%
+        EVERY_RATIO: UNMEASURABLE, BEST_RATIO: UNMEASURABLE,  # keep_ratio not run for Gemma
+        **{c.replace(TRUE, policy): UNMEASURABLE for c in PER_POLICY for policy in (TRUE, REROTATE)},  # nor ablations
+        MEMORY: FAILS,  # 70%
+    }
+    assert gemma.measured[STRATEGIES_PPL] == ("vs random: +11.11% [+11.11, +11.11]; "
+                                              "vs recent_only: +9.09% [+9.09, +9.09]")
+    assert gemma.measured[STRATEGIES_ACC] == "vs random: -6.25% [-6.25, -6.25]; vs recent_only: -5.26% [-5.26, -5.26]"
+    assert (gemma.measured[EVERY_RATIO], gemma.measured[BEST_RATIO]) == ("no runs", "no runs")
+    assert gemma.measured[MIXED_PPL] == "keep_ratio 0.5 vs 0: no runs"
+    assert gemma.measured[MEMORY] == "70.0% of KV bytes, uncompressed skip layers included"
 
 
 def test_improvements_for_the_figure():
@@ -157,6 +185,13 @@ def test_improvements_for_the_figure():
         ("mixed retention" + TRUE, "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), HOLDS),
         ("mixed retention" + REROTATE, "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), UNMEASURABLE),
     ]
+    got = [(i["model"], i["improvement"], i["metric"], i["verdict"]) for i in improvements(*tables(two_models()))]
+    smol = [(SMOL, n + TRUE, m, v) for n, m, v in (("temporal order", "ppl", FAILS), ("temporal order", "accuracy", FAILS),
+                                                   ("mixed retention", "ppl", HOLDS), ("mixed retention", "accuracy", HOLDS))]
+    for i in (3, 2, 1, 0):  # each policy=true item is followed by its rerotate twin, not measured here
+        smol.insert(i + 1, (SMOL, smol[i][1].replace(TRUE, REROTATE), smol[i][2], UNMEASURABLE))
+    assert got == smol + [(GEMMA, name + policy, metric, UNMEASURABLE) for name in ("temporal order", "mixed retention")
+                          for metric in ("ppl", "accuracy") for policy in (TRUE, REROTATE)]
 
 
 def test_packaged_seed_data():

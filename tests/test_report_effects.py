@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from knormpress.metrics import resample_texts
-from knormpress.report.effects import (FAILS, HIGHER, HOLDS, INCONCLUSIVE, LOWER, UNMEASURABLE, Effect, combine,
-                                       effect, pick, select, verdict)
+from knormpress.report.effects import (FAILS, HIGHER, HOLDS, INCONCLUSIVE, LOWER, UNMEASURABLE, Effect, by_model,
+                                       combine, effect, pick, select, verdict)
 
 
 def two_runs(a_ppl: tuple[float, float], b_ppl: tuple[float, float], a_correct: tuple[int, int],
@@ -131,3 +131,23 @@ def test_select_and_pick():
     assert pick(runs, strategy="keep_low", keep_ratio=0.4) is None
     assert select(runs, sort_by_time=True).run_id.tolist() == ["old", "new"]  # NA matches nothing
     assert select(runs).run_id.tolist() == ["old", "new", "unsorted", "other"]
+
+
+def test_runs_split_by_model_most_experiments_first():
+    runs = pd.DataFrame({"run_id": list("abcdef"), "experiment": ["x", "y", "x", "x", "y", "x"],
+                         "model": ["Zeta", "Zeta", "Beta", None, "Alpha", "Zeta"]})
+    groups = by_model(runs)
+    assert list(groups) == ["Zeta", "?", "Alpha", "Beta"]  # Zeta ran 2 experiments; the rest 1 each, by name
+    assert {m: g.run_id.tolist() for m, g in groups.items()} == {
+        "Zeta": ["a", "b", "f"], "?": ["d"], "Alpha": ["e"], "Beta": ["c"]}
+    assert by_model(runs.iloc[:0]) == {}
+
+
+def test_runs_of_two_models_are_never_paired():
+    texts, a, b = two_runs((2.0, 4.0), (2.5, 4.0), (5, 15), (4, 15))  # same text ids
+    a, b = a.copy(), b.copy()
+    a["model"], b["model"] = "m1", "m1"
+    assert effect(texts, a, b, "ppl").est == pytest.approx(100 * (2 ** 1.75 / (2.5 ** 0.25 * 4 ** 0.75) - 1))
+    b["model"] = "m2"
+    with pytest.raises(ValueError, match="different models"):
+        effect(texts, a, b, "ppl")

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import yaml
-from report_data import V1, interval_sweep, results_dir, tables
+from report_data import GEMMA, SMOL, V1, interval_sweep, results_dir, tables, two_models
 
-from knormpress.report.runs import read_results
 from knormpress.report.claims import load_seed
-from knormpress.report.summary import summary_markdown, sweep_table
+from knormpress.report.runs import read_results
+from knormpress.report.summary import seed_tables, summary_markdown, sweep_table
 
 ROOT = Path(__file__).parents[1]
 GENERIC = "\n## Runs per experiment\n"
@@ -20,7 +20,7 @@ GENERIC = "\n## Runs per experiment\n"
 
 def per_policy(v1: str) -> str:
     """The v1 summary with each ablation claim split into one row per position policy (the v1 runs
-    computed true positions: rerotate has no runs), the claims' note, and the (empty) interval sweep."""
+    computed true positions: rerotate has no runs) and the claims' note."""
     lines = []
     for line in v1.split("\n"):
         claim = next((c for c in ("temporal order", "mixed retention") if line.startswith(f"| {c}")), None)
@@ -43,7 +43,7 @@ def test_v1_results_give_the_v1_summary_plus_the_runs_section():
     head, tail = want.split("{NOTE}")
     assert before.startswith(head) and tail.rstrip("\n") in before
     assert "the temporal-order claim can hold at all only under positions=rerotate" in before
-    assert "## Compression interval" in before and "not run: no runs in experiment `interval`" in before
+    assert "## Compression interval" not in before  # a sweep no run made has no section
     assert [line for line in runs_section.splitlines() if line.startswith("### ")] == [
         "### `ablations`", "### `keep_ratio`", "### `strategies`"]
     assert ("| 4de27c56 | sinks | 4 | 41.88 [33.55, 64.87] | 0.3518 [0.3021, 0.3775] | 38.69 | 0.3599 | "
@@ -91,6 +91,43 @@ def test_a_results_folder_of_another_task_only(tmp_path):
     text = summary_markdown(*read_results(results_dir(tmp_path, v1=False)))
     assert "| memory saving 83% (3000 -> 512 tokens) | 83% | no runs | not measurable |" in text
     assert "| baseline | — | 47.04 | — | 35.66 | — | — | — | — |" in text and "### `qa_exp`" in text
+
+
+def test_two_models_get_a_section_each():
+    text = summary_markdown(*tables(two_models()))
+    t1 = "Table 1: strategies at keep_ratio 0.5 (experiment `strategies`)"
+    t2 = "Table 2: keep_ratio grid (experiment `keep_ratio`)"
+    t3 = "Table 3: keep_ratio 0.7 (seed: 10-sample means; ours: not run, no preset uses keep_ratio 0.7)"
+    assert [line for line in text.splitlines() if line.startswith("##")] == [
+        "## How verdicts are decided", "## Setup", f"### {SMOL}", f"### {GEMMA}",
+        *[f"## {h} — {model}" for model in (SMOL, GEMMA) for h in ("Seed claims", t1, t2, t3)],
+        "## Runs per experiment", f"### `ablations` — {SMOL}", f"### `keep_ratio` — {SMOL}",
+        f"### `strategies` — {SMOL}", f"### `strategies` — {GEMMA}"]
+    setup = text.split("## Setup")[1].split("## Seed claims")[0]
+    assert setup.split(f"### {GEMMA}")[1].strip() == (
+        f"- `strategies`: {GEMMA} on books, 4 texts, 1,000 predicted tokens per run; 4 runs; engine ; git")
+
+    def section(title: str, model: str) -> str:
+        return text.split(f"## {title} — {model}\n")[1].split("\n## ")[0]
+
+    assert ("| keep_low has lower PPL than random and recent_only at keep_ratio 0.5 | < 0% | vs random: -4.55% "
+            "[-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08] | holds |") in section("Seed claims", SMOL)
+    gemma_claims = section("Seed claims", GEMMA)
+    assert ("| keep_low has lower PPL than random and recent_only at keep_ratio 0.5 | < 0% | vs random: +11.11% "
+            "[+11.11, +11.11]; vs recent_only: +9.09% [+9.09, +9.09] | does not hold |") in gemma_claims
+    assert "| keep_low has lower PPL than random at every keep_ratio | < 0% | no runs | not measurable |" in (
+        gemma_claims)
+    # PPL = factor x exp(3.48) = factor x 32.4597: SmolLM2 1.0, 1.05; Gemma 0.8, 0.96
+    assert "| baseline | 32.46 | 47.04 |" in section(t1, SMOL) and "| keep_low | 34.08 | 49.24 |" in section(t1, SMOL)
+    assert "| baseline | 25.97 | 47.04 |" in section(t1, GEMMA) and "| keep_low | 31.16 | 49.24 |" in section(t1, GEMMA)
+    assert "| 0.5 | 33.76 | 49.24 | 35.71 | 51.90 |" in section(t2, SMOL)  # 1.04 and 1.10 x 32.4597
+    assert "Ours: no runs." in section(t2, GEMMA) and "| 0.5 | — | 49.24 | — | 51.90 |" in section(t2, GEMMA)
+    by_title = {title: table for title, _, table in seed_tables(tables(two_models())[0])}  # as in the notebook
+    assert list(by_title) == [f"{t} — {model}" for model in (SMOL, GEMMA) for t in (t1, t2, t3)]
+    assert by_title[f"{t1} — {GEMMA}"].set_index("strategy")["PPL [95% CI]"].to_dict() == {
+        "baseline": "25.97", "recent_only": "28.56", "random": "28.05", "keep_low": "31.16"}
+    gemma_runs = text.split(f"### `strategies` — {GEMMA}")[1]
+    assert "| g-low | keep_low | 31.16 | 0.3119 | 20 | -10 | 4 | 1000 |" in gemma_runs and "| s-" not in gemma_runs
 
 
 def test_make_summary_script_writes_where_told(tmp_path):

@@ -203,13 +203,14 @@ def cli_exit(argv: list[str], monkeypatch) -> int:
         ("compress=keep_lo", "error: unknown compress 'keep_lo'; choose one of "),  # the choices grow: not spelled out here
         ("compress.strategy.name=keep_lo", "error: unknown strategy 'keep_lo'; choose one of "),
         ("compress.keep_ratio=1.5", "error: keep_ratio must lie in [0, 1], got 1.5"),
+        ("compress=none compress.n_sink=-3", "error: n_sink must be an integer in [0, fix_kv_size="),
         ("model=nonexistent", "error: unknown model 'nonexistent'; choose one of "),
         ("compress.strategy.window=3", "error: strategy 'keep_low' has no setting 'window'; its settings are: none"),
         ("task.depth=3", "error: task 'lm' has no setting 'depth'; its settings are: none"),
     ],
 )
 def test_bad_config_exits_nonzero_with_one_line(bad, reason, args, tmp_path, monkeypatch, capsys):
-    assert cli_exit([*args, bad, f"hydra.run.dir={tmp_path}/run"], monkeypatch) == 2
+    assert cli_exit([*args, *bad.split(), f"hydra.run.dir={tmp_path}/run"], monkeypatch) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(reason) and "\n" not in err
     assert "RUNNING" not in status(tmp_path) and not runs(tmp_path)

@@ -9,7 +9,8 @@ import torch
 
 from knormpress.errors import ConfigError
 from knormpress.sources import ByteTokenizer, Document, iter_documents, load_samples, select_samples, strip_gutenberg
-from knormpress.sources.texts import gutenberg_title, leading_specials
+from knormpress.sources.gutenberg import gutenberg_title
+from knormpress.sources.texts import leading_specials
 
 BODY = "ACT I.\n\nScene I. A heath.\n\nThunder and lightning. Enter three Witches.\n\nWhen shall we three meet again?"
 

@@ -23,6 +23,7 @@ from knormpress.engines import pick_engine
 from knormpress.errors import ConfigError, choose
 from knormpress.registry import settings
 from knormpress.sources.models import DEVICES, DTYPES, validate_model_spec
+from knormpress.sources.texts import PG19_SPLITS
 from knormpress.sources.texts import SOURCES as DATASET_SOURCES
 from knormpress.tasks import Task, get_task
 
@@ -40,6 +41,8 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         choose("dataset.source", self.source, DATASET_SOURCES)
+        if self.source == "pg19":
+            choose("dataset.split", self.split, PG19_SPLITS)
         if self.source == "local_text" and not self.path:
             raise ConfigError("dataset local_text needs dataset.path (a folder of .txt files, a glob, or a .jsonl/.parquet file), got null")
 
@@ -101,15 +104,12 @@ class RunConfig:
         """The compression to evaluate, or None for the uncompressed baseline."""
         strategy = self.compress.get("strategy")
         if strategy == NO_COMPRESSION or (isinstance(strategy, dict) and strategy.get("name") == NO_COMPRESSION):
+            Compression.from_dict({**self.compress, "strategy": "keep_low"})  # the budget is checked all the same
             return None
         return Compression.from_dict(self.compress)
 
     def build_task(self) -> Task:
         return get_task(self.task)
-
-    @property
-    def role(self) -> str:
-        return "baseline" if self.build_compression() is None else "compressed"
 
 
 def _import_plugins(modules: list[str]) -> None:

@@ -1,5 +1,5 @@
 """MLflow bookkeeping: the tag schema, where the store lives, runs that never stay RUNNING,
-resume lookups, sweep parents.
+resume lookups (a sweep's parent run lives in sweeps.py).
 
 Run schema (the contract with the report code): params = the flattened resolved config; tags =
 `TAGS` (the one list; the description is the run's one-line result); metrics = the task's
@@ -175,7 +175,7 @@ class Tracker:
 
     @contextmanager
     def run(self, name: str, labels: dict[str, str]) -> Iterator[str]:
-        """A run that ends FINISHED, or FAILED on any exception, Ctrl-C or (see runner) SIGTERM."""
+        """A run that ends FINISHED, or FAILED on any exception, Ctrl-C or (see cli.py) SIGTERM."""
         run_id = self.start(name, labels)
         status = "FAILED"
         try:

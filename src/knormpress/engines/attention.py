@@ -13,13 +13,16 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from knormpress.errors import ConfigError
 from knormpress.rotary import Rotary
 
 PLAN: ContextVar[Any] = ContextVar("knorm_plan", default=None)
+BLOCK = 512  # queries per attention block: bounds mask memory at heads x BLOCK x (budget + BLOCK)
 
 
 @contextmanager
@@ -55,6 +58,66 @@ def attend(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.view(B, Hkv * g, q, value.shape[-1])
 
 
+UNSUPPORTED = ("softcap", "s_aux")  # attention kwargs that change the result and are not implemented here
+
+
+def plain_attention(query, key, value, scaling=None, window: int | None = None) -> torch.Tensor:
+    """The model's own uncompressed attention for one sequence: query (B, Hq, T, D) at positions
+    0..T-1 over key/value (B, Hkv, T, D) at the same positions, KV heads shared by groups of queries.
+
+    Query q sees key j iff j <= q, and with a sliding window also q - window < j (transformers'
+    `sliding_window_overlay`: the query and the window - 1 keys before it). Windowed layers run in
+    blocks of BLOCK queries over only the keys their window reaches. Returns (B, Hq, T, D).
+    """
+    T = query.shape[2]
+    if window is None or T <= window:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    out = torch.empty_like(query)
+    for q0 in range(0, T, BLOCK):
+        q1, k0 = min(q0 + BLOCK, T), max(q0 - window + 1, 0)
+        q = torch.arange(q0, q1, device=query.device).view(-1, 1)
+        j = torch.arange(k0, q1, device=query.device)
+        mask = (j <= q) & (j > q - window)
+        out[:, :, q0:q1] = F.scaled_dot_product_attention(
+            query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], attn_mask=mask, scale=scaling, enable_gqa=True
+        )
+    return out
+
+
+def held_uncompressed(T: int, window: int | None = None) -> torch.Tensor:
+    """Tokens an uncompressed layer's cache holds when query q = 1..T-1 starts, (T-1,) float64: every
+    earlier key, or for a sliding layer the last window - 1 of them (transformers' DynamicSlidingWindowLayer
+    keeps no more, as the next query brings the window's last key itself)."""
+    held = torch.arange(1, T, dtype=torch.float64)
+    return held if window is None else held.clamp(max=window - 1)
+
+
+def refuse_unsupported(kwargs: dict, engine: str) -> None:
+    """Attention features the engines do not implement would silently change the numbers."""
+    used = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
+    if used:
+        raise ConfigError(f"the {engine} engine cannot reproduce attention with {', '.join(used)}; "
+                          "use a model without it (e.g. model=smollm2_135m)")
+
+
+def layer_window(kwargs: dict, layer: int, windows: list[int | None], engine: str) -> int | None:
+    """The sliding window this layer attends with (None: full attention), after refusing what the
+    engines do not implement: attention features that would silently change the numbers, and a
+    window that differs from the one transformers' cache keeps (the held memory would be wrong)."""
+    refuse_unsupported(kwargs, engine)
+    window = kwargs.get("sliding_window")
+    if window != windows[layer]:
+        raise ConfigError(f"layer {layer} attends with sliding_window={window} but transformers' cache for this model "
+                          f"uses {windows[layer]}; the engines cannot reproduce this model exactly")
+    return window
+
+
+def cache_windows(model: PreTrainedModel) -> list[int | None]:
+    """Per layer, the sliding window of the cache layer transformers builds for this model (None: full)."""
+    layers = DynamicCache(config=model.config).layers
+    return [layer.sliding_window if getattr(layer, "is_sliding", False) else None for layer in layers]
+
+
 RECORD = "knorm_record"
 
 
@@ -82,6 +145,7 @@ def recording_attention(module, query, key, value, attention_mask, scaling=None,
     layer = module.layer_idx
     if layer in plan.compression.skip_layers or kwargs.get("sliding_window") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    refuse_unsupported(kwargs, "streaming")
     if plan.rotary is not None:
         query = shift_new_tokens(plan.rotary, query, key, plan.start, layer)
     if not plan.record:

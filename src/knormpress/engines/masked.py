@@ -15,22 +15,20 @@ cache layer holds, the last window - 1 keys.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.errors import ConfigError
+from knormpress.engines.attention import (BLOCK, PLAN, attention_implementation, cache_windows, held_uncompressed,
+                                          layer_window, plain_attention)
 from knormpress.eviction import expiry, held_tokens
 from knormpress.strategies import CacheView
 
 ATTN = "knorm_masked"
-BLOCK = 512  # queries per masked block: bounds mask memory at heads x BLOCK x (budget + BLOCK)
 
 
 @dataclass
@@ -40,22 +38,15 @@ class _Plan:
     held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
 
 
-_PLAN: ContextVar[_Plan | None] = ContextVar("knorm_plan", default=None)
-
-
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of query (B, Hq, T, D) over key/value (B, Hkv, T, D) under the eviction rule."""
-    plan = _PLAN.get()
-    if plan is None:
+    plan = PLAN.get()
+    if not isinstance(plan, _Plan):
         raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.evaluate(engine='masked')")
     T, layer = query.shape[2], module.layer_idx
     c = plan.compression
     per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
-    _refuse_unsupported(kwargs)
-    window = kwargs.get("sliding_window")
-    if window != plan.windows[layer]:  # the held memory below must be what the streaming engine's cache holds
-        raise ConfigError(f"layer {layer} attends with sliding_window={window} but transformers' cache for this model "
-                          f"uses {plan.windows[layer]}; the engines cannot reproduce this model exactly")
+    window = layer_window(kwargs, layer, plan.windows, "masked")
     if c is None or window is not None or layer in c.skip_layers or T <= c.fix_kv_size + c.interval:
         plan.held[layer] = (held_uncompressed(T, window), per_token)
         return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
@@ -63,48 +54,6 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget, c.interval)
     plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
     return _blockwise(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
-
-
-UNSUPPORTED = ("softcap", "s_aux")  # attention kwargs that change the result and are not implemented here
-
-
-def plain_attention(query, key, value, scaling=None, window: int | None = None) -> torch.Tensor:
-    """The model's own uncompressed attention for one sequence: query (B, Hq, T, D) at positions
-    0..T-1 over key/value (B, Hkv, T, D) at the same positions, KV heads shared by groups of queries.
-
-    Query q sees key j iff j <= q, and with a sliding window also q - window < j (transformers'
-    `sliding_window_overlay`: the query and the window - 1 keys before it). Windowed layers run in
-    blocks of BLOCK queries over only the keys their window reaches. Returns (B, Hq, T, D).
-    """
-    T = query.shape[2]
-    if window is None or T <= window:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    out = torch.empty_like(query)
-    for q0 in range(0, T, BLOCK):
-        q1, k0 = min(q0 + BLOCK, T), max(q0 - window + 1, 0)
-        q = torch.arange(q0, q1, device=query.device).view(-1, 1)
-        j = torch.arange(k0, q1, device=query.device)
-        mask = (j <= q) & (j > q - window)
-        out[:, :, q0:q1] = F.scaled_dot_product_attention(
-            query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], attn_mask=mask, scale=scaling, enable_gqa=True
-        )
-    return out
-
-
-def held_uncompressed(T: int, window: int | None = None) -> torch.Tensor:
-    """Tokens an uncompressed layer's cache holds when query q = 1..T-1 starts, (T-1,) float64: every
-    earlier key, or for a sliding layer the last window - 1 of them (transformers' DynamicSlidingWindowLayer
-    keeps no more, as the next query brings the window's last key itself)."""
-    held = torch.arange(1, T, dtype=torch.float64)
-    return held if window is None else held.clamp(max=window - 1)
-
-
-def _refuse_unsupported(kwargs: dict) -> None:
-    """Attention features this function does not implement would silently change the numbers."""
-    used = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
-    if used:
-        raise ConfigError(f"the masked engine cannot reproduce attention with {', '.join(used)}; "
-                          "use a model without it (e.g. model=smollm2_135m) or engine=streaming")
 
 
 def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
@@ -145,29 +94,11 @@ AttentionInterface.register(ATTN, masked_attention)
 AttentionMaskInterface.register(ATTN, _no_mask)
 
 
-@contextmanager
-def _masked_attention(model: PreTrainedModel, plan: _Plan):
-    previous = model.config._attn_implementation
-    token = _PLAN.set(plan)
-    model.set_attn_implementation(ATTN)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-        _PLAN.reset(token)
-
-
-def cache_windows(model: PreTrainedModel) -> list[int | None]:
-    """Per layer, the sliding window of the cache layer transformers builds for this model (None: full)."""
-    layers = DynamicCache(config=model.config).layers
-    return [layer.sliding_window if getattr(layer, "is_sliding", False) else None for layer in layers]
-
-
 @torch.no_grad()
 def evaluate_masked(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
     """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,))."""
     plan = _Plan(compression, cache_windows(model))
-    with _masked_attention(model, plan):
+    with attention_implementation(model, ATTN, plan):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
     tokens = torch.stack([t for t, _ in plan.held.values()])

@@ -8,6 +8,9 @@ holds for any strategy that scores from the layer's own cache view (`Strategy.sc
 whose state is shared across layers or steps in call order (`random_per_step`, one generator for
 all layers) is not `replayable` and runs token by token.
 
+Layers that are not compressed (skipped, sliding-window, or shorter than the budget) attend
+through `plain_attention`, a sliding layer with the window the model passes, as in the masked engine.
+
 The replay keeps B + interval slots per KV head: a token that joins takes a slot freed by the
 last pruning, so nothing is copied; attention does not depend on the order of keys. Under
 positions=rerotate the order does matter, through the rotation: each slot remembers the index its
@@ -22,13 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import PLAN, attend, attention_implementation, grouped_weights
-from knormpress.errors import ConfigError
+from knormpress.engines.attention import (PLAN, attend, attention_implementation, cache_windows, grouped_weights,
+                                          held_uncompressed, layer_window, plain_attention)
 from knormpress.eviction import evict_one, held_counts, select
 from knormpress.rotary import Rotary
 from knormpress.strategies import CacheView
@@ -39,6 +41,7 @@ ATTN = "knorm_replay"
 @dataclass
 class _Plan:
     compression: Compression | None
+    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
     rotary: Rotary | None = None  # positions=rerotate: the model's rotary embedding
     held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
     kept: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # layer -> (keys, values, positions)
@@ -49,17 +52,13 @@ def replay_attention(module, query, key, value, attention_mask, scaling=None, dr
     plan = PLAN.get()
     if not isinstance(plan, _Plan):
         raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.run_engine(engine='replay')")
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise ConfigError("the replay engine cannot reproduce sliding-window or soft-capped attention yet; "
-                          "use engine=streaming or a model without it (e.g. model=smollm2_135m)")
     T, layer, c = query.shape[2], module.layer_idx, plan.compression
     per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
-    steps = torch.arange(1, T, dtype=torch.float64)
-    if c is None or layer in c.skip_layers or T <= c.fix_kv_size + c.interval:
-        plan.held[layer] = (steps, per_token)
-        plan.kept[layer] = (key[:, :, : T - 1], value[:, :, : T - 1], None)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2), None
+    window = layer_window(kwargs, layer, plan.windows, "replay")
+    if c is None or window is not None or layer in c.skip_layers or T <= c.fix_kv_size + c.interval:
+        plan.held[layer] = (held_uncompressed(T, window), per_token)
+        plan.kept[layer] = (key[:, :, : T - 1], value[:, :, : T - 1], None)  # a sliding cache layer keeps its window
+        return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
     plan.held[layer] = (held_counts(T, c.budget, c.interval), per_token)
     out, plan.kept[layer] = _replay(query, key, value, scaling, c, layer, plan.rotary)
     return out.transpose(1, 2), None
@@ -181,7 +180,7 @@ def evaluate_replay(model: PreTrainedModel, input_ids: torch.Tensor, compression
     the compressed cache after token T-2, equal to the streaming engine's)."""
     T = input_ids.shape[1]
     rotary = Rotary(model) if compression is not None and compression.positions == "rerotate" else None
-    with attention_implementation(model, ATTN, _Plan(compression, rotary)) as plan:
+    with attention_implementation(model, ATTN, _Plan(compression, cache_windows(model), rotary)) as plan:
         positions = torch.arange(T, device=input_ids.device).unsqueeze(0)
         logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
     tokens = torch.stack([t for t, _ in plan.held.values()])

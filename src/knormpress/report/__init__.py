@@ -4,7 +4,9 @@
 - `effects`: paired bootstrap effects between two runs and the verdict rules.
 - `claims`: the seed's published numbers and claims (data: `seed.yaml`) measured on our runs.
 - `summary`: results/summary.md.
-- `figures`: the seed's four figures.
+- `figures`: the seed's four figures (`panels`: their colours, error bars and a row of panels per model).
 
+Runs of several models (the `model` column) are split with `effects.by_model`: claims pair runs of
+one model only; the summary and figures give each model its own sections and panels.
 Only functions that read MLflow import mlflow; nothing here imports torch.
 """

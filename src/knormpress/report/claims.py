@@ -2,8 +2,10 @@
 and decide each one on our runs with the verdict rules of `effects`.
 
 A claim names the experiment whose runs test it and how (its `kind`); the code below knows the
-kinds, never the experiments or strategies, so a new claim is a few lines of YAML. `per` splits a
-claim into one verdict per value of a setting (e.g. per position policy).
+kinds, never the experiments or strategies, so a new claim is a few lines of YAML. Each claim is
+decided once per model on that model's runs alone (`effects.by_model`): runs of two models are
+never paired, and a claim whose experiment was not run for a model is "not measurable" for it.
+`per` splits a claim into one verdict per value of a setting (e.g. per position policy).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import pandas as pd
 import yaml
 
 from knormpress.errors import ConfigError
-from knormpress.report.effects import (FAILS, HIGHER, HOLDS, LOWER, UNMEASURABLE, Effect, combine, effect, pick,
-                                       select, verdict)
+from knormpress.report.effects import (FAILS, HIGHER, HOLDS, LOWER, UNKNOWN_MODEL, UNMEASURABLE, Effect, by_model,
+                                       combine, effect, pick, select, verdict)
 
 SEED_FILE = "seed.yaml"
 DIRECTIONS = {"lower": LOWER, "higher": HIGHER}
@@ -83,6 +85,8 @@ def _best_in_range(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict
     rows = select(_runs_of(claim, runs), **claim["runs"]).dropna(subset=[metric])
     inside = rows[col].between(lo - 1e-9, hi + 1e-9)
     claimed = f"{word} in range"
+    if rows.empty:
+        return {"claimed": claimed, "measured": "no runs", "verdict": UNMEASURABLE}
     if not inside.any() or inside.all():
         return {"claimed": claimed, "measured": f"runs lack {col} values on both sides of the range",
                 "verdict": UNMEASURABLE}
@@ -134,12 +138,17 @@ def expanded(seed: dict) -> list[dict]:
     return out
 
 
+def _models(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return by_model(runs) or {UNKNOWN_MODEL: runs}  # no runs at all: every claim once, not measurable
+
+
 def claims(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> pd.DataFrame:
-    """One row per seed claim (per value of its `per` column): what it says, what was claimed,
-    what we measured, the verdict."""
+    """One row per model and seed claim (per value of its `per` column; models in `by_model`
+    order): what it says, what was claimed, what we measured on that model's runs, the verdict."""
     seed = seed or load_seed()
-    rows = [{"claim": c["claim"]} | KINDS[c["kind"]](c, runs, texts) for c in expanded(seed)]
-    return pd.DataFrame(rows, columns=["claim", "claimed", "measured", "verdict"])
+    rows = [{"model": model, "claim": c["claim"]} | KINDS[c["kind"]](c, own, texts)
+            for model, own in _models(runs).items() for c in expanded(seed)]
+    return pd.DataFrame(rows, columns=["model", "claim", "claimed", "measured", "verdict"])
 
 
 def notes(seed: dict | None = None) -> list[str]:
@@ -149,19 +158,20 @@ def notes(seed: dict | None = None) -> list[str]:
 
 
 def improvements(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> list[dict]:
-    """The paired claims that belong to one of the seed's improvements, each with its measured
-    effect (the first comparison) and verdict: what improvement_summary.png draws."""
+    """The paired claims that belong to one of the seed's improvements, per model, each with its
+    measured effect (the first comparison) and verdict: what improvement_summary.png draws."""
     seed = seed or load_seed()
     out = []
-    for claim in expanded(seed):
-        if claim["kind"] != "paired" or "improvement" not in claim:
-            continue
-        effects = comparisons(claim, runs, texts)
-        label, e = next(iter(effects.items())) if effects else (next(iter(claim["b"])), None)
-        claimed = claimed_range(claim)
-        out.append({"improvement": claim["improvement"], "label": label, "metric": claim["metric"],
-                    "experiment": claim["experiment"], "claimed": claimed, "effect": e,
-                    "verdict": verdict(e, claimed)})
+    for model, own in _models(runs).items():
+        for claim in expanded(seed):
+            if claim["kind"] != "paired" or "improvement" not in claim:
+                continue
+            effects = comparisons(claim, own, texts)
+            label, e = next(iter(effects.items())) if effects else (next(iter(claim["b"])), None)
+            claimed = claimed_range(claim)
+            out.append({"model": model, "improvement": claim["improvement"], "label": label,
+                        "metric": claim["metric"], "experiment": claim["experiment"], "claimed": claimed,
+                        "effect": e, "verdict": verdict(e, claimed)})
     return out
 
 

@@ -3,6 +3,7 @@
 An effect is the relative change (%) of a metric from run b to run a. For ppl and accuracy its
 interval is a paired bootstrap over texts that resamples both runs with the same weights, the
 runner's own resampling (`knormpress.metrics`), so it matches the logged deltas to the baseline.
+Two runs of different models are never compared: split the runs with `by_model` first.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ HOLDS, FAILS, INCONCLUSIVE, UNMEASURABLE = "holds", "does not hold", "inconclusi
 LOWER, HIGHER = (-math.inf, 0.0), (0.0, math.inf)  # claimed ranges that only state a direction
 SUMS = ["nll_sum", "n_correct", "n_tokens"]  # per-text columns the bootstrap needs
 BOOTSTRAPPED = {"ppl": 0, "accuracy": 1}  # metric -> its place in resampled_ppl_acc's answer
+UNKNOWN_MODEL = "?"  # the model of runs that did not log one
+
+
+def by_model(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The runs of each model (from the `model` column), the model with the most experiments
+    first, then by name: the order of every per-model section and panel of the report."""
+    names = runs.model.fillna(UNKNOWN_MODEL).astype(str)
+    groups = {name: runs[names == name] for name in names.unique()}
+    return dict(sorted(groups.items(), key=lambda item: (-item[1].experiment.nunique(), item[0])))
 
 
 def select(runs: pd.DataFrame, **where) -> pd.DataFrame:
@@ -64,6 +74,8 @@ def effect(texts: pd.DataFrame, a: pd.Series | None, b: pd.Series | None, metric
     (or unpaired runs) only the point estimate."""
     if a is None or b is None:
         return None
+    if _model(a) != _model(b):
+        raise ValueError(f"runs {a.run_id} and {b.run_id} are of different models; compare runs within by_model")
     est = 100 * (a[metric] / b[metric] - 1)
     if metric not in BOOTSTRAPPED or not set(SUMS) <= set(texts.columns):
         return Effect(est)
@@ -77,6 +89,11 @@ def effect(texts: pd.DataFrame, a: pd.Series | None, b: pd.Series | None, metric
     with np.errstate(divide="ignore", invalid="ignore"):
         lo, hi = interval(100 * (sa / sb - 1))
     return Effect(est, lo, hi, identical)
+
+
+def _model(run: pd.Series) -> str:
+    model = run.get("model")
+    return UNKNOWN_MODEL if model is None or pd.isna(model) else str(model)
 
 
 def verdict(e: Effect | None, claimed: tuple[float, float]) -> str:

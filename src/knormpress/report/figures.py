@@ -2,13 +2,14 @@
 
 Which experiment and keep_ratio each figure shows comes from `seed.yaml` (figures:); strategies
 come from the runs: those named in seed.yaml keep their colour, others take palette colours in
-sorted order. Figures use matplotlib's object API with the Agg canvas (no pyplot): they render
-headless, touch no global state, and the notebook can show the same PNGs the pipeline writes.
+sorted order. Each model that has runs for a figure gets its own row of panels (`panels.model_rows`,
+models in `effects.by_model` order); with one model a figure looks as it always did. The notebook
+shows the same PNGs the pipeline writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,58 +21,32 @@ from matplotlib.patches import Patch
 from matplotlib.transforms import Bbox
 
 from knormpress.report.claims import improvements, load_seed
-from knormpress.report.effects import pick, select
+from knormpress.report.effects import by_model, pick, select
 from knormpress.report.labels import place_labels
+from knormpress.report.panels import BASELINE, CI_LABEL, METRICS, Palette, err, model_rows, no_data, titles
 from knormpress.report.summary import describe
-
-METRICS = {  # metric -> (scale, axis label)
-    "ppl": (1.0, "perplexity (lower is better)"),
-    "accuracy": (100.0, "next-token accuracy, % (higher is better)"),
-}
-CI_LABEL = "95% bootstrap CI over texts"
-BASELINE = "baseline"
-
-
-class Palette:
-    """Colours by strategy: the configured ones, then `palette` colours for the other strategies
-    in sorted order, so the same runs always get the same colours in every figure."""
-
-    def __init__(self, strategies: Iterable[str], config: dict) -> None:
-        known = dict(config["colors"])
-        others = sorted(set(strategies) - set(known))
-        spare = config["palette"]
-        self.colors = known | {s: spare[i % len(spare)] for i, s in enumerate(others)}
-        self.rank = {s: i for i, s in enumerate(list(known) + others)}
-
-    def __call__(self, strategy: str) -> str:
-        return self.colors.get(strategy, "0.5")
-
-    def ordered(self, names: Iterable[str]) -> list[str]:
-        """Configured strategies first in their configured order, then the others sorted."""
-        return sorted(set(names), key=lambda s: (self.rank.get(s, len(self.rank)), s))
 
 
 def _palette(runs: pd.DataFrame, seed: dict) -> Palette:
     return Palette(runs.strategy.dropna().unique(), seed["figures"])
 
 
-def _figure(width: float, height: float, ncols: int = 2) -> tuple[Figure, np.ndarray]:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, np.atleast_1d(fig.subplots(1, ncols))
+def _per_model(runs: pd.DataFrame, rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """`rows` (some of `runs`) per model, models in the order of all `runs` (as in the summary)."""
+    parts = {m: rows[rows.index.isin(own.index)] for m, own in by_model(runs).items()}
+    return {m: part for m, part in parts.items() if not part.empty}
 
 
-def _err(rows: pd.DataFrame, col: str, scale: float = 1.0) -> np.ndarray:
-    """Asymmetric error bars from the *_lo/*_hi columns (nan = no bar)."""
-    v, lo, hi = (scale * rows[c].to_numpy(float) for c in (col, f"{col}_lo", f"{col}_hi"))
-    return np.clip(np.vstack([v - lo, hi - v]), 0, None)
+def _has_metrics(rows: pd.DataFrame) -> bool:
+    return not rows.empty and not rows[list(METRICS)].isna().all().all()
 
 
-def _no_data(fig: Figure, message: str) -> Figure:
-    for ax in fig.axes:
-        ax.set_axis_off()
-    fig.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
-    return fig
+def _at_ratio(exp: pd.DataFrame, ratio: float, color: Palette) -> pd.DataFrame:
+    """One model's baseline and newest run of every strategy at `ratio`."""
+    base = pick(exp, role="baseline")
+    strategies = color.ordered(select(exp, keep_ratio=ratio).strategy.dropna())
+    return pd.DataFrame(([base] if base is not None else []) + [pick(exp, strategy=s, keep_ratio=ratio)
+                                                                for s in strategies])
 
 
 def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
@@ -79,33 +54,33 @@ def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, s
     seed = seed or load_seed()
     config, color = seed["figures"]["strategy_comparison"], _palette(runs, seed)
     name, ratio = config["experiment"], config["keep_ratio"]
-    exp = runs[runs.experiment == name]
-    fig, axes = _figure(11, 4.6)
-    base = pick(exp, role="baseline")
-    strategies = color.ordered(select(exp, keep_ratio=ratio).strategy.dropna())
-    rows = [pick(exp, strategy=s, keep_ratio=ratio) for s in strategies]
-    rows = pd.DataFrame(([base] if base is not None else []) + rows)
-    if rows.empty or rows[list(METRICS)].isna().all().all():
-        return _no_data(fig, f"no runs with {'/'.join(METRICS)} in experiment '{name}'")
-    names = [BASELINE if r == "baseline" else s for r, s in zip(rows.role, rows.strategy)]
-    x = np.arange(len(rows))
-    for ax, (metric, (scale, label)) in zip(axes, METRICS.items()):
-        values, err = scale * rows[metric].to_numpy(float), _err(rows, metric, scale)
-        for i, strategy in enumerate(names):
-            ax.errorbar(x[i], values[i], yerr=err[:, i:i + 1], fmt="o", ms=8, capsize=5, color=color(strategy))
-            ax.annotate(f"{values[i]:.2f}", (x[i], values[i]), xytext=(9, 0), textcoords="offset points",
-                        va="center", fontsize=8, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
-        if base is not None:
-            ax.axhline(scale * base[metric], ls="--", lw=1, color=color(BASELINE))
-        ax.set_xticks(x, names, rotation=15)
-        ax.set_xlim(-0.5, len(x) - 0.3)
-        ax.set_xlabel(f"strategy (keep_ratio {ratio:g})")
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(handles=[Line2D([], [], color="0.2", marker="o", label=f"run (bars: {CI_LABEL})"),
-                            Line2D([], [], color=color(BASELINE), ls="--", label="baseline (no compression)")],
-                   loc="upper left", fontsize=8)
-    fig.suptitle(f"Strategies at keep_ratio {ratio:g}: {describe(exp)}", fontsize=11)
+    models = _per_model(runs, runs[runs.experiment == name])
+    tables = {m: _at_ratio(own, ratio, color) for m, own in models.items()}
+    drawn = {m: own for m, own in models.items() if _has_metrics(tables[m])}
+    fig, panels = model_rows(drawn, 11, 4.6)
+    if not drawn:
+        return no_data(fig, f"no runs with {'/'.join(METRICS)} in experiment '{name}'")
+    for model, exp, _, axes in panels:
+        rows, base = tables[model], pick(exp, role="baseline")
+        names = [BASELINE if r == "baseline" else s for r, s in zip(rows.role, rows.strategy)]
+        x = np.arange(len(rows))
+        for ax, (metric, (scale, label)) in zip(axes, METRICS.items()):
+            values, bars = scale * rows[metric].to_numpy(float), err(rows, metric, scale)
+            for i, strategy in enumerate(names):
+                ax.errorbar(x[i], values[i], yerr=bars[:, i:i + 1], fmt="o", ms=8, capsize=5, color=color(strategy))
+                ax.annotate(f"{values[i]:.2f}", (x[i], values[i]), xytext=(9, 0), textcoords="offset points",
+                            va="center", fontsize=8, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
+            if base is not None:
+                ax.axhline(scale * base[metric], ls="--", lw=1, color=color(BASELINE))
+            ax.set_xticks(x, names, rotation=15)
+            ax.set_xlim(-0.5, len(x) - 0.3)
+            ax.set_xlabel(f"strategy (keep_ratio {ratio:g})")
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0].legend(handles=[Line2D([], [], color="0.2", marker="o", label=f"run (bars: {CI_LABEL})"),
+                                Line2D([], [], color=color(BASELINE), ls="--", label="baseline (no compression)")],
+                       loc="upper left", fontsize=8)
+    titles(fig, panels, f"Strategies at keep_ratio {ratio:g}", describe)
     return fig
 
 
@@ -113,32 +88,35 @@ def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None, s
     """PPL and accuracy against keep_ratio for every strategy of one experiment, baseline as a band."""
     seed = seed or load_seed()
     name, color = seed["figures"]["keep_ratio_analysis"]["experiment"], _palette(runs, seed)
-    exp = runs[runs.experiment == name]
-    fig, axes = _figure(11, 5.2)
-    grid = select(exp).dropna(subset=["keep_ratio"])
-    if grid.empty or grid[list(METRICS)].isna().all().all():
-        return _no_data(fig, f"no compressed runs with {'/'.join(METRICS)} in experiment '{name}'")
-    base = pick(exp, role="baseline")
-    ratios = sorted(grid.keep_ratio.unique())
-    strategies = color.ordered(grid.strategy.dropna())
-    offsets = 0.008 * (np.arange(len(strategies)) - (len(strategies) - 1) / 2)  # side by side, bars apart
-    for ax, (metric, (scale, label)) in zip(axes, METRICS.items()):
-        for offset, strategy in zip(offsets, strategies):
-            rows = grid[grid.strategy == strategy].sort_values("keep_ratio")
-            ax.errorbar(rows.keep_ratio + offset, scale * rows[metric], yerr=_err(rows, metric, scale), marker="o",
-                        capsize=4, color=color(strategy), label=strategy)
-        if base is not None:
-            ax.axhline(scale * base[metric], ls="--", lw=1, color=color(BASELINE), label="baseline (no compression)")
-            ax.axhspan(scale * base[f"{metric}_lo"], scale * base[f"{metric}_hi"], color=color(BASELINE),
-                       alpha=0.12, lw=0, label="baseline 95% CI")
-        ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
-        ax.set_xlabel("keep_ratio (share of fix_kv_size kept for the most recent tokens)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8, title=f"error bars: {CI_LABEL}",
-               title_fontsize=8)
-    fig.suptitle(f"Effect of keep_ratio: {describe(exp)}", fontsize=11)
+    models = _per_model(runs, runs[runs.experiment == name])
+    grids = {m: select(own).dropna(subset=["keep_ratio"]) for m, own in models.items()}
+    drawn = {m: own for m, own in models.items() if _has_metrics(grids[m])}
+    fig, panels = model_rows(drawn, 11, 5.2)
+    if not drawn:
+        return no_data(fig, f"no compressed runs with {'/'.join(METRICS)} in experiment '{name}'")
+    for model, exp, holder, axes in panels:
+        grid, base = grids[model], pick(exp, role="baseline")
+        ratios = sorted(grid.keep_ratio.unique())
+        strategies = color.ordered(grid.strategy.dropna())
+        offsets = 0.008 * (np.arange(len(strategies)) - (len(strategies) - 1) / 2)  # side by side, bars apart
+        for ax, (metric, (scale, label)) in zip(axes, METRICS.items()):
+            for offset, strategy in zip(offsets, strategies):
+                rows = grid[grid.strategy == strategy].sort_values("keep_ratio")
+                ax.errorbar(rows.keep_ratio + offset, scale * rows[metric], yerr=err(rows, metric, scale),
+                            marker="o", capsize=4, color=color(strategy), label=strategy)
+            if base is not None:
+                ax.axhline(scale * base[metric], ls="--", lw=1, color=color(BASELINE),
+                           label="baseline (no compression)")
+                ax.axhspan(scale * base[f"{metric}_lo"], scale * base[f"{metric}_hi"], color=color(BASELINE),
+                           alpha=0.12, lw=0, label="baseline 95% CI")
+            ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+            ax.set_xlabel("keep_ratio (share of fix_kv_size kept for the most recent tokens)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        holder.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8,
+                      title=f"error bars: {CI_LABEL}", title_fontsize=8)
+    titles(fig, panels, "Effect of keep_ratio", describe)
     return fig
 
 
@@ -151,19 +129,28 @@ def _label(run: pd.Series) -> str:
 
 def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
     """Delta PPL % against delta accuracy % vs the baseline, one point per distinct config of any
-    experiment."""
+    experiment, one panel per model."""
     color = _palette(runs, load_seed() if seed is None else seed)
     exp = select(runs).dropna(subset=["delta_ppl_pct", "delta_accuracy_pct"])
     exp = exp.drop_duplicates(["strategy", "keep_ratio", "sort_by_time", "n_sink", "fix_kv_size", "model", "dataset"])
     exp = exp.assign(label=[_label(r) for _, r in exp.iterrows()])
-    fig, axes = _figure(9, 6.5, ncols=1)
-    ax = axes[0]
+    fig, panels = model_rows(_per_model(runs, exp), 9, 6.5, ncols=1)
     if exp.empty:
-        return _no_data(fig, "no compressed runs with deltas")
+        return no_data(fig, "no compressed runs with deltas")
+    for _, points, _, (ax,) in panels:
+        _tradeoff_points(ax, points, color)
+    titles(fig, panels, "Perplexity vs accuracy cost of each compressed run", describe, sep="\n")
+    fig.canvas.draw()  # fix the layout and limits before measuring label boxes
+    for _, points, _, (ax,) in panels:
+        _tradeoff_labels(ax, points, color)
+    return fig
+
+
+def _tradeoff_points(ax, exp: pd.DataFrame, color: Palette) -> None:
     for strategy in color.ordered(exp.strategy):
         rows = exp[exp.strategy == strategy]
-        ax.errorbar(rows.delta_ppl_pct, rows.delta_accuracy_pct, xerr=_err(rows, "delta_ppl_pct"),
-                    yerr=_err(rows, "delta_accuracy_pct"), fmt="o", ms=6, capsize=3, lw=0.9, alpha=0.9,
+        ax.errorbar(rows.delta_ppl_pct, rows.delta_accuracy_pct, xerr=err(rows, "delta_ppl_pct"),
+                    yerr=err(rows, "delta_accuracy_pct"), fmt="o", ms=6, capsize=3, lw=0.9, alpha=0.9,
                     color=color(strategy), label=strategy)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.axvline(0, color="0.5", lw=0.8)
@@ -176,8 +163,10 @@ def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None,
     ax.set_ylabel("change in next-token accuracy vs baseline, % (up is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left", title=f"error bars: paired {CI_LABEL}", title_fontsize=8)
-    fig.suptitle(f"Perplexity vs accuracy cost of each compressed run\n{describe(exp)}", fontsize=11)
-    fig.canvas.draw()  # fix the layout and limits before measuring label boxes
+
+
+def _tradeoff_labels(ax, exp: pd.DataFrame, color: Palette) -> None:
+    """Label each point once, away from markers, error bars and the legend (on a drawn canvas)."""
     ax.set_xlim(ax.get_xlim())
     ax.set_ylim(ax.get_ylim())
     to_px = ax.transData.transform
@@ -185,9 +174,10 @@ def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None,
     markers.append(ax.get_legend().get_window_extent())
     bars = []
     for r in exp.itertuples():
-        (x0, y0), (x1, y1) = to_px([(r.delta_ppl_pct_lo, r.delta_accuracy_pct), (r.delta_ppl_pct_hi, r.delta_accuracy_pct)])
+        x, y = r.delta_ppl_pct, r.delta_accuracy_pct
+        (x0, y0), (x1, y1) = to_px([(r.delta_ppl_pct_lo, y), (r.delta_ppl_pct_hi, y)])
         bars.append(Bbox([[x0, y0 - 1], [x1, y1 + 1]]))
-        (x0, y0), (x1, y1) = to_px([(r.delta_ppl_pct, r.delta_accuracy_pct_lo), (r.delta_ppl_pct, r.delta_accuracy_pct_hi)])
+        (x0, y0), (x1, y1) = to_px([(x, r.delta_accuracy_pct_lo), (x, r.delta_accuracy_pct_hi)])
         bars.append(Bbox([[x0 - 1, y0], [x1 + 1, y1]]))
     bars = [b for b in bars if np.isfinite(b.bounds).all()]
     # runs with the same numbers (e.g. an ablation that changes nothing) share one label
@@ -195,16 +185,28 @@ def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None,
         label=("label", " = ".join), strategy=("strategy", "first")).reset_index()
     place_labels(ax, points[["delta_ppl_pct", "delta_accuracy_pct"]].to_numpy(float), points.label.tolist(),
                  [color(s) for s in points.strategy], markers, bars)
-    return fig
 
 
 def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> Figure:
-    """The seed's claimed improvements as paired effects with 95% CIs beside the claimed ranges."""
+    """The seed's claimed improvements as paired effects with 95% CIs beside the claimed ranges,
+    one row per model that ran their experiments."""
     seed = seed or load_seed()
-    items = improvements(runs, texts, seed)
-    fig, axes = _figure(11, 4.2)
+    measured = runs[runs.experiment.isin({c["experiment"] for c in seed["claims"] if "improvement" in c})]
+    items, models = improvements(measured, texts, seed), _per_model(runs, measured)
+    fig, panels = model_rows(models or {i["model"]: measured for i in items[:1]}, 11, 4.2)  # no runs: one row
     if not items:
-        return _no_data(fig, "seed.yaml names no improvement claims")
+        return no_data(fig, "seed.yaml names no improvement claims")
+    for model, _, _, axes in panels:
+        _improvement_row(axes, [i for i in items if i["model"] == model])
+    panels[-1].holder.legend(handles=[
+        Line2D([], [], color="tab:blue", marker="o", label=f"measured (paired {CI_LABEL})"),
+        Patch(color="gold", alpha=0.4, label="seed's claimed range")], loc="outside lower center", ncols=2, fontsize=8)
+    title = seed["figures"].get("improvement_summary", {}).get("title", "The seed's improvements")
+    titles(fig, panels, title, describe, sep="\n")
+    return fig
+
+
+def _improvement_row(axes: np.ndarray, items: list[dict]) -> None:
     names = list(dict.fromkeys(i["improvement"] for i in items))
     labels = {i["improvement"]: i["label"] for i in items}
     for ax, (metric, (_, label)) in zip(axes, METRICS.items()):
@@ -232,13 +234,6 @@ def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | No
         ax.set_xlabel(f"change in {metric.replace('ppl', 'perplexity')}, % of the reference run")
         ax.set_title(label, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-    fig.legend(handles=[Line2D([], [], color="tab:blue", marker="o", label=f"measured (paired {CI_LABEL})"),
-                        Patch(color="gold", alpha=0.4, label="seed's claimed range")],
-               loc="outside lower center", ncols=2, fontsize=8)
-    measured = runs[runs.experiment.isin({i["experiment"] for i in items})]
-    title = seed["figures"].get("improvement_summary", {}).get("title", "The seed's improvements")
-    fig.suptitle(f"{title}\n{describe(measured)}", fontsize=11)
-    return fig
 
 
 def sweep_comparison(runs: pd.DataFrame, metrics: list[str], title: str) -> Figure:
@@ -252,8 +247,7 @@ def sweep_comparison(runs: pd.DataFrame, metrics: list[str], title: str) -> Figu
     has_ci = [{f"{m}_lo", f"{m}_hi"} <= set(runs.columns) for m in metrics]
     for ax, metric, ci in zip(axes, metrics, has_ci):
         values = runs[metric].to_numpy(float)
-        err = _err(runs, metric) if ci else None
-        ax.errorbar(values, y, xerr=err, fmt="o", capsize=3, color="tab:blue")
+        ax.errorbar(values, y, xerr=err(runs, metric) if ci else None, fmt="o", capsize=3, color="tab:blue")
         for base in runs.loc[runs.role.eq("baseline"), metric]:
             ax.axvline(base, ls="--", lw=1, color="0.4")
         ax.set_xlabel(metric)

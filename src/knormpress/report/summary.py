@@ -2,7 +2,10 @@
 rebuilt from our runs beside the seed's numbers, and every experiment's runs with their metrics.
 
 Which tables, claims and experiments come from `seed.yaml`; any other experiment or task in the
-results simply appears in the last section with whatever metrics its runs logged.
+results simply appears in the last section with whatever metrics its runs logged. With runs of
+several models (the `model` column), the setup, the claims, the seed's tables and the runs are
+given per model, in `effects.by_model` order (most experiments first, then by name); claims and
+tables only for the models that ran an experiment they name. One model: no model headings.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import pandas as pd
 
 from knormpress.metrics import LEVEL, N_BOOT
 from knormpress.report.claims import claims, load_seed, notes, rule_lines
-from knormpress.report.effects import IDENTICAL_RTOL, effect, pick, select
+from knormpress.report.effects import IDENTICAL_RTOL, UNKNOWN_MODEL, by_model, effect, pick, select
 from knormpress.report.runs import RUNNER_METRICS, metric_columns
 
 COMPRESS = ["strategy", "keep_ratio", "fix_kv_size", "sort_by_time", "n_sink", "skip_layers", "positions", "interval"]
@@ -52,7 +55,16 @@ def describe(runs: pd.DataFrame) -> str:
     return f"{values('model')} on {values('dataset')}, {n_texts} texts, {n_tokens} predicted tokens per run"
 
 
-# ---- the seed's tables ----------------------------------------------------------------------------
+def _by_experiment(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {name: runs[runs.experiment == name] for name in runs.experiment.dropna().unique()}
+
+
+def _suffix(model: str, models: dict) -> str:
+    """What a heading adds to name its model: nothing when there is only one."""
+    return f" — {model}" if len(models) > 1 else ""
+
+
+# ---- the seed's tables (each from one model's runs) -------------------------------------------------
 
 def strategy_table(runs: pd.DataFrame, keep_ratio: float, seed_rows: dict) -> pd.DataFrame:
     """Baseline and every strategy at `keep_ratio`, ours (95% CI) beside the seed's number."""
@@ -94,10 +106,18 @@ def grid_table(runs: pd.DataFrame, strategies: list[str], seed_grid: dict) -> pd
 
 
 def seed_tables(runs: pd.DataFrame, seed: dict | None = None) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
-    """The seed's tables rebuilt from `runs`: (title, the experiment's runs, table) each. A table
-    whose experiment is null uses the first experiment with compressed runs at its keep_ratio."""
+    """The seed's tables rebuilt from `runs`: (title, the experiment's runs, table) each, every
+    table once per model (`by_model` order; the title names the model when there are several)."""
     seed = seed or load_seed()
-    by_exp = {name: runs[runs.experiment == name] for name in runs.experiment.dropna().unique()}
+    models = by_model(runs) or {UNKNOWN_MODEL: runs}
+    return [(title + _suffix(model, models), exp, table)
+            for model, own in models.items() for title, exp, table in _model_tables(own, seed)]
+
+
+def _model_tables(runs: pd.DataFrame, seed: dict) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """The seed's tables from one model's runs. A table whose experiment is null uses the first
+    experiment with compressed runs at its keep_ratio."""
+    by_exp = _by_experiment(runs)
     out = []
     for number, spec in enumerate(seed["tables"], 1):
         name, ratio = spec.get("experiment"), spec.get("keep_ratio")
@@ -137,13 +157,15 @@ def sweep_table(runs: pd.DataFrame, texts: pd.DataFrame, spec: dict) -> pd.DataF
     return pd.DataFrame(out)
 
 
-def _sweeps(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict) -> list[str]:
+def _sweeps(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict, suffix: str = "") -> list[str]:
+    """One section per `sweeps` entry of seed.yaml that this model's runs swept."""
     parts = []
     for spec in seed.get("sweeps", []):
         exp = runs[runs.experiment == spec["experiment"]]
         table = sweep_table(runs, texts, spec)
-        body = markdown_table(table) if not table.empty else f"not run: no runs in experiment `{spec['experiment']}`"
-        parts += [f"## {spec['title']}", f"{describe(exp)}. {spec.get('note', '')}".strip(), body]
+        if not table.empty:
+            parts += [f"## {spec['title']}{suffix}", f"{describe(exp)}. {spec.get('note', '')}".strip(),
+                      markdown_table(table)]
     return parts
 
 
@@ -182,15 +204,40 @@ def run_table(runs: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     return shared, pd.DataFrame(rows)
 
 
-def _experiments(by_exp: dict[str, pd.DataFrame]) -> list[str]:
+def _experiments(runs: pd.DataFrame, models: dict[str, pd.DataFrame]) -> list[str]:
     parts = ["## Runs per experiment",
              "Every exported run with its task's metrics (95% CI in brackets where logged)."]
-    for name, runs in by_exp.items():
-        shared, table = run_table(runs)
-        tasks = "/".join(sorted(set(runs.task.dropna()))) or "not recorded"
-        line = f"{describe(runs)}; task {tasks}" + (f"; compressed runs share {shared}" if shared else "") + "."
-        parts += [f"### `{name}`", line, markdown_table(table)]
+    for name in runs.experiment.dropna().unique():
+        for model, own in models.items():
+            exp = own[own.experiment == name]
+            if exp.empty:
+                continue
+            shared, table = run_table(exp)
+            tasks = "/".join(sorted(set(exp.task.dropna()))) or "not recorded"
+            line = f"{describe(exp)}; task {tasks}" + (f"; compressed runs share {shared}" if shared else "") + "."
+            parts += [f"### `{name}`{_suffix(model, models)}", line, markdown_table(table)]
     return parts
+
+
+def _setup(models: dict[str, pd.DataFrame]) -> list[str]:
+    """One line per experiment, under a heading per model when there are several."""
+    parts = []
+    for model, own in models.items():
+        parts += [f"### {model}"] if len(models) > 1 else []
+        parts.append("\n".join(
+            f"- `{name}`: {describe(r)}; {len(r)} runs; engine {'/'.join(sorted(set(r.engine.dropna())))}; "
+            f"git {'/'.join(sorted(set(r.git_commit.dropna().astype(str).str[:8])))}"
+            for name, r in _by_experiment(own).items()))
+    return parts or ["no runs"]
+
+
+def seed_models(runs: pd.DataFrame, seed: dict) -> dict[str, pd.DataFrame]:
+    """The runs of each model that ran an experiment a seed claim or table names (every model if
+    none did), in `by_model` order: the models that get the seed's claims and tables."""
+    named = ({c["experiment"] for c in seed["claims"]} | {t.get("experiment") for t in seed["tables"]}
+             | {s["experiment"] for s in seed.get("sweeps", [])})
+    models = by_model(runs) or {UNKNOWN_MODEL: runs}
+    return {m: own for m, own in models.items() if own.experiment.isin(named).any()} or models
 
 
 # ---- the whole summary -----------------------------------------------------------------------------
@@ -219,15 +266,17 @@ def rules(seed: dict) -> str:
 def summary_markdown(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> str:
     """results/summary.md from the tidy run and per-text tables."""
     seed = seed or load_seed()
-    by_exp = {name: runs[runs.experiment == name] for name in runs.experiment.dropna().unique()}
-    setup = [f"- `{name}`: {describe(r)}; {len(r)} runs; engine {'/'.join(sorted(set(r.engine.dropna())))}; "
-             f"git {'/'.join(sorted(set(r.git_commit.dropna().astype(str).str[:8])))}" for name, r in by_exp.items()]
+    models, seeded = by_model(runs), seed_models(runs, seed)
     parts = [
         "# Results: the seed's claims re-measured",
         "Generated by `scripts/make_summary.py` from the runs exported to `results/`; do not edit by hand.",
-        rules(seed), "## Setup", "\n".join(setup) or "no runs",
-        "## Seed claims", markdown_table(claims(runs, texts, seed)), *notes(seed),
+        rules(seed), "## Setup", *_setup(models),
     ]
-    for title, exp_runs, table in seed_tables(runs, seed):
-        parts += [f"## {title}", f"Ours: {describe(exp_runs)}. Seed: {seed['setup']}.", markdown_table(table)]
-    return "\n\n".join(parts + _sweeps(runs, texts, seed) + _experiments(by_exp)) + "\n"
+    for model, own in seeded.items():  # each model's claims measured on its own runs only
+        suffix = _suffix(model, seeded)
+        parts += [f"## Seed claims{suffix}", markdown_table(claims(own, texts, seed).drop(columns="model")), *notes(seed)]
+        for title, exp_runs, table in _model_tables(own, seed):
+            parts += [f"## {title}{suffix}", f"Ours: {describe(exp_runs)}. Seed: {seed['setup']}.",
+                      markdown_table(table)]
+        parts += _sweeps(own, texts, seed, suffix)
+    return "\n\n".join(parts + _experiments(runs, models)) + "\n"

@@ -3,7 +3,8 @@
 from knormpress.sources.cache import cache_dir, fetch_pypi
 from knormpress.sources.models import ModelBundle, load_model, load_model_config, validate_model_spec
 from knormpress.sources.support import check_supported
-from knormpress.sources.texts import Document, Sample, iter_documents, load_samples, select_samples, strip_gutenberg
+from knormpress.sources.gutenberg import strip_gutenberg
+from knormpress.sources.texts import Document, Sample, iter_documents, load_samples, select_samples
 from knormpress.sources.tiny import ByteTokenizer
 
 __all__ = [

@@ -1,0 +1,36 @@
+"""dvc.yaml's dependency lists: a job's numbers never go stale silently, and a change to the
+report's presentation reruns only the stages that draw or summarise."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "knormpress"
+PRESENTATION = {"claims.py", "effects.py", "figures.py", "labels.py", "panels.py", "summary.py", "seed.yaml"}  # report/ only
+
+
+def stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def covered(path: Path, deps: list[str]) -> bool:
+    rel = path.relative_to(ROOT).as_posix()
+    return any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def test_every_module_that_runs_a_job_is_a_dependency_of_every_experiment_stage():
+    modules = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts]
+    runs = [p for p in modules if not (p.parent.name == "report" and p.name in PRESENTATION)]
+    experiments = {name: s for name, s in stages().items() if "run.py" in s["cmd"]}
+    assert len(experiments) >= 3
+    for name, stage in experiments.items():
+        missing = [p.relative_to(ROOT).as_posix() for p in runs if not covered(p, stage["deps"])]
+        assert not missing, f"stage {name} does not depend on {missing}"
+        assert not any(covered(PACKAGE / "report" / f, stage["deps"]) for f in ("figures.py", "summary.py"))
+
+
+def test_the_plots_stage_depends_on_the_whole_report():
+    deps = stages()["plots"]["deps"]
+    for name in PRESENTATION:
+        assert covered(PACKAGE / "report" / name, deps), name
