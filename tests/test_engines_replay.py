@@ -66,7 +66,8 @@ POLICY_GRID = [(arch, s, pos, interval, sort, engine) for arch, s, pos, interval
                if sort or pos == "rerotate" for engine in ["replay"] + (["masked"] if s in STATIC and pos == "true" else [])]
 POLICY_FAST = [("gpt_neox", "keep_low", "rerotate", 1, False, "replay"), ("llama", "h2o", "rerotate", 5, True, "replay"),
                ("llama", "keep_low", "true", 5, True, "masked"), ("gpt_neox", "tova", "true", 5, False, "replay"),
-               ("llama", "keydiff", "rerotate", 1, False, "replay"), ("gpt_neox", "sinks", "rerotate", 5, True, "replay")]
+               ("llama", "keydiff", "rerotate", 1, False, "replay"), ("gpt_neox", "sinks", "rerotate", 5, True, "replay"),
+               ("gemma3", "keep_low", "rerotate", 5, False, "replay")]  # sliding layers keep true positions
 
 
 def check_policy(models, ids, arch, strategy, positions, interval, sort_by_time, engine):
