@@ -24,6 +24,7 @@ import json
 import resource
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,7 +49,8 @@ def mean(values: list[float]) -> float:
 def git_commit() -> str:
     """This checkout's commit (8 hex digits), with "+dirty" when files differ from it."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, check=False)
+        return done.stdout.strip()
 
     return git("rev-parse", "--short=8", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
@@ -94,7 +96,7 @@ def main() -> None:
     samples = load_samples({"source": args.dataset}, bundle.tokenizer, bundle.name, n_samples=args.n_samples,
                            max_tokens=args.max_tokens, start_offset=0, seed=0)
     with torch.no_grad():
-        forward = [min(seconds(lambda: bundle.model(input_ids=s.input_ids[None], use_cache=False))[0] for _ in range(2))
+        forward = [min(seconds(partial(bundle.model, input_ids=s.input_ids[None], use_cache=False))[0] for _ in range(2))
                    for s in samples]
     lines = []
     for name in args.strategy:
@@ -103,7 +105,7 @@ def main() -> None:
                "tokens": [len(s.input_ids) for s in samples], "threads": torch.get_num_threads(), "git": git_commit(),
                "compress": comp.to_dict(), "strategy": name, "fix_kv_size": args.fix_kv_size,
                "keep_ratio": args.keep_ratio, "forward_s": mean(forward), "onepass_engine": pick_engine("auto", comp)}
-        onepass = [seconds(lambda: evaluate(bundle.model, s.input_ids, comp))[0] for s in samples]
+        onepass = [seconds(partial(evaluate, bundle.model, s.input_ids, comp))[0] for s in samples]
         out["onepass_s"] = mean(onepass)
         out["overhead_vs_forward"] = round(out["onepass_s"] / out["forward_s"], 3)
         if args.streaming and out["onepass_engine"] != "streaming":
