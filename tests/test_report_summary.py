@@ -3,6 +3,7 @@ experiment or task in a generic section, thin scripts, and a light import."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,28 @@ def test_dvc_pipeline_wires_exports_into_plots():
     outs = {next(iter(o)) for o in stages["plots"]["outs"] + stages["plots"].get("plots", [])}  # figures are DVC plots
     assert {f"results/{f}.png" for f in ("strategy_comparison", "keep_ratio_analysis", "ppl_accuracy_tradeoff",
                                           "improvement_summary")} | {"results/summary.md"} == outs
+
+
+def test_the_setup_quotes_the_engines_float32_agreement(tmp_path):
+    """The bench's JSON line (written by scripts/bench_engines.py --out) in the setup section; a
+    strategy the bench only timed (no streaming run) adds nothing."""
+    results = results_dir(tmp_path)
+    measured = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "texts": 3, "tokens": [3000, 3000, 3000],
+                "git": "abcdef12", "strategy": "keep_low", "onepass_engine": "masked",
+                "compress": {"strategy": {"name": "keep_low"}, "fix_kv_size": 512, "keep_ratio": 0.5,
+                             "skip_layers": [0, 1], "sort_by_time": True, "n_sink": 0},
+                "rel_ppl_diff": 5.7e-8, "accuracy_diff": 0.0, "correct_flips": 0, "max_abs_nll_diff": 0.00381,
+                "kept_set_diff_queries": 597, "kept_set_queries": 7458, "kept_set_swapped_frac": 2.7e-6}
+    timed_only = {"strategy": "random_per_step", "onepass_engine": "streaming"}
+    (results / "engine_agreement.jsonl").write_text(json.dumps(measured) + "\n" + json.dumps(timed_only) + "\n")
+    out = tmp_path / "summary.md"
+    done = subprocess.run([sys.executable, "scripts/make_summary.py", "--results", str(results), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    setup = out.read_text().split("## Setup")[1].split("## Seed claims")[0]
+    engines = [line for line in setup.splitlines() if line.startswith("- engines")]
+    assert engines == [(
+        "- engines in float32, masked vs token by token (`scripts/bench_engines.py`, git abcdef12; "
+        "SmolLM2-135M-Instruct, 3 texts x 3000 tokens; keep_low, fix_kv_size 512, keep_ratio 0.5, skip_layers "
+        "[0, 1]): PPL +5.7e-08 relative, accuracy +0.000 pp (0 tokens change), max per-token NLL difference "
+        "0.0038, kept sets differ at 597 of 7,458 queries (2.7e-06 of kept tokens)")]

@@ -8,6 +8,19 @@ attention interface, so any architecture that dispatches through it works (Llama
 GPT-NeoX with partial rotary, Gemma 3 with sliding-window layers, ...). Assumes one unpadded
 sequence, as `evaluate` passes.
 
+What "exact" means: in exact arithmetic this engine keeps the same tokens as the streaming engine
+for every query, as both apply `knormpress.eviction` to the same scores; the float64 tests
+(SmolLM2, tiny models) show it. In float32 the keys of one batched pass and of one-token steps
+differ in the last bits (~1e-7 relative), so a key norm within that noise of a rounding midpoint
+of `strategies.key_norm` can round differently here than in the streaming engine; if that key is
+at the eviction margin, the two keep different tokens, and later keys then differ by more than
+rounding. On the default study (SmolLM2 in float32, 3 texts x 3000 tokens, keep_low, fix_kv_size
+512, keep_ratio 0.5, skip [0, 1]) this moved the pooled perplexity by 5.7e-8 relative and changed
+no token's correctness (kept sets differ at 597 of 7,458 queries, in 2.7e-6 of the kept tokens);
+with fix_kv_size 256, keep_ratio 0 and every layer compressed, by 8.9e-4 and accuracy by +0.011
+percentage points. `tests/test_engines_float32.py` bounds it, `knormpress.engines.agreement`
+counts it, `scripts/bench_engines.py` reports it.
+
 Sliding-window layers are never compressed (they hold at most their window already): they attend
 through `plain_attention` with the window the model passes, and report what transformers' sliding
 cache layer holds, the last window - 1 keys.

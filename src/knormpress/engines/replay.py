@@ -11,6 +11,12 @@ all layers) is not `replayable` and runs token by token.
 Layers that are not compressed (skipped, sliding-window, or shorter than the budget) attend
 through `plain_attention`, a sliding layer with the window the model passes, as in the masked engine.
 
+"Exactly" means in exact arithmetic (the float64 tests). In float32 the layer's inputs come from
+one batched pass instead of one-token steps and differ in the last bits, so a near-tie in the
+scores (rounded key norms, attention weights) can be decided differently than token by token, as
+for the masked engine (see `knormpress.engines.masked` for its measured size on the default study;
+`knormpress.engines.agreement` counts it for any strategy).
+
 The replay keeps B + interval slots per KV head: a token that joins takes a slot freed by the
 last pruning, so nothing is copied; attention does not depend on the order of keys. Under
 positions=rerotate the order does matter, through the rotation: each slot remembers the index its
