@@ -37,6 +37,22 @@ def attention_implementation(model: PreTrainedModel, name: str, plan: Any) -> It
         PLAN.reset(token)
 
 
+def one_pass(model: PreTrainedModel, input_ids: torch.Tensor, name: str, plan: Any) -> tuple[torch.Tensor, ...]:
+    """One forward pass over (1, T) with the attention registered as `name`, which fills
+    `plan.held` (layer -> (tokens held per query, bytes per token)). Returns logits (T, vocab), the
+    tokens held per layer and KV head averaged over layers (T-1,), and the bytes held (T-1,)."""
+    with attention_implementation(model, name, plan):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
+    tokens = torch.stack([t for t, _ in plan.held.values()])
+    return logits, tokens.mean(0), sum(t * b for t, b in plan.held.values())
+
+
+def no_mask(*args, **kwargs) -> None:
+    """Engines that mask inside their attention function skip transformers' T x T mask."""
+    return None
+
+
 def grouped_weights(query: torch.Tensor, key: torch.Tensor, scaling: float | None, visible: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention weights (B, Hkv, g, q, n) of query (B, Hq, q, D) over key (B, Hkv, n, D),
     each query head with its KV group (one batched matmul per KV head); `visible` (q, n) masks keys out."""

@@ -36,8 +36,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (BLOCK, PLAN, attention_implementation, cache_windows, held_uncompressed,
-                                          layer_window, plain_attention)
+from knormpress.engines.attention import (BLOCK, PLAN, cache_windows, held_uncompressed, layer_window, no_mask, one_pass,
+                                          plain_attention)
 from knormpress.eviction import expiry, held_tokens
 from knormpress.strategies import CacheView
 
@@ -98,22 +98,11 @@ def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
     return out
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Masks are built per block inside `masked_attention`; skip transformers' T x T mask."""
-    return None
-
-
 AttentionInterface.register(ATTN, masked_attention)
-AttentionMaskInterface.register(ATTN, _no_mask)
+AttentionMaskInterface.register(ATTN, no_mask)
 
 
 @torch.no_grad()
 def evaluate_masked(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
     """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,))."""
-    plan = _Plan(compression, cache_windows(model))
-    with attention_implementation(model, ATTN, plan):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
-    tokens = torch.stack([t for t, _ in plan.held.values()])
-    nbytes = sum(t * b for t, b in plan.held.values())
-    return logits, tokens.mean(0), nbytes
+    return one_pass(model, input_ids, ATTN, _Plan(compression, cache_windows(model)))

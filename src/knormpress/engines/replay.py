@@ -32,8 +32,8 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (PLAN, attend, attention_implementation, cache_windows, grouped_weights,
-                                          held_uncompressed, layer_window, plain_attention)
+from knormpress.engines.attention import (PLAN, attend, cache_windows, grouped_weights, held_uncompressed, layer_window,
+                                          no_mask, one_pass, plain_attention)
 from knormpress.eviction import evict_one, select
 from knormpress.strategies import CacheView
 
@@ -121,28 +121,19 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Masks are built inside `replay_attention`; skip transformers' T x T mask."""
-    return None
-
-
 AttentionInterface.register(ATTN, replay_attention)
-AttentionMaskInterface.register(ATTN, _no_mask)
+AttentionMaskInterface.register(ATTN, no_mask)
 
 
 @torch.no_grad()
 def evaluate_replay(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
     """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,),
     the compressed cache after token T-2, equal to the streaming engine's)."""
-    T = input_ids.shape[1]
-    with attention_implementation(model, ATTN, _Plan(compression, cache_windows(model))) as plan:
-        positions = torch.arange(T, device=input_ids.device).unsqueeze(0)
-        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
-    tokens = torch.stack([t for t, _ in plan.held.values()])
-    nbytes = sum(t * b for t, b in plan.held.values())
+    T, plan = input_ids.shape[1], _Plan(compression, cache_windows(model))
+    logits, tokens, nbytes = one_pass(model, input_ids, ATTN, plan)
     cache = DynamicCache(config=model.config)
     for layer, (keys, values, kept_positions) in sorted(plan.kept.items()):
         cache.update(keys, values, layer)
         if kept_positions is not None:
             cache.layers[layer].knorm_positions, cache.layers[layer].knorm_length = kept_positions, T - 1
-    return logits, tokens.mean(0), nbytes, cache
+    return logits, tokens, nbytes, cache
