@@ -66,10 +66,10 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     positions = torch.arange(T, device=key.device).expand(key.shape[:3])
     exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget)
     plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
-    return _blockwise(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
+    return expiry_attention(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
 
 
-def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
+def expiry_attention(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
     """Causal attention while nothing is evicted, then per block of queries only over the keys
     still alive at the block's start, each query head packed with its KV group."""
     B, Hq, T, D = query.shape

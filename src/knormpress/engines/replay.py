@@ -34,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from knormpress.compression import Compression
 from knormpress.engines.attention import (PLAN, attend, cache_windows, grouped_weights, held_uncompressed, layer_window,
                                           no_mask, one_pass, plain_attention)
+from knormpress.engines.masked import expiry_attention
 from knormpress.eviction import evict_one, select
 from knormpress.strategies import CacheView
 
@@ -69,16 +70,21 @@ def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[tor
     """Queries 0..B see every earlier key; from then on each query sees the B kept keys and itself,
     and after it the strategy evicts one key per KV head (`eviction.evict_one`, i.e. `select`).
     Returns the outputs and the cache kept after token T-2 in the streaming engine's order:
-    (keys, values, positions)."""
+    (keys, values, positions). A strategy that scores from keys and positions alone needs no
+    attention inside the loop: its evictions give each key an expiry, and the masked engine's
+    expiry attention computes the outputs in blocks."""
+    if not c.strategy.needs_attention:
+        exp, kept = _expiries(key, value, c, layer)
+        return expiry_attention(query, key, value, exp, c.fix_kv_size, scaling), kept
     _, Hq, T, D = query.shape
-    Hkv, head = key.shape[1], c.fix_kv_size + 1
+    Hkv, head, budget, score = key.shape[1], c.fix_kv_size + 1, c.budget, c.strategy.score
     out = torch.empty_like(query)
     causal = torch.ones(head, head, dtype=torch.bool, device=key.device).tril()
     w = grouped_weights(query[:, :, :head], key[:, :, :head], scaling, causal)  # (1, Hkv, g, head, head)
     out[:, :, :head] = attend(w, value[:, :, :head])
     keys, values = (x[:, :, :head].clone(memory_format=torch.contiguous_format) for x in (key, value))  # the slots
     slots = torch.arange(head, device=key.device).expand(1, Hkv, head).clone()  # position held by each slot
-    received = w.sum(dim=(2, 3)) if c.strategy.needs_attention else None
+    received = w.sum(dim=(2, 3)) if c.strategy.needs_attention_sum else None
     view = CacheView(keys, slots, layer, w[..., -1, :].flatten(1, 2), received)
     flat = torch.arange(Hkv, device=key.device) * head  # slot s of head h is row h * head + s
     scale = D**-0.5 if scaling is None else scaling
@@ -86,7 +92,7 @@ def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[tor
     outs = torch.empty(T - head, Hkv, Hq // Hkv, value.shape[-1], dtype=query.dtype, device=query.device)
     with _one_thread():  # a dozen tiny ops per token: threads only add overhead
         for t in range(head, T):
-            free = evict_one(c.strategy.score(view), slots, t, c.budget)[0]  # after token t-1
+            free = evict_one(score(view), slots, t, budget)[0]  # after token t-1
             if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
                 kept = _in_streaming_order(c, view, values, t)
             rows = flat + free
@@ -101,6 +107,29 @@ def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[tor
                 received += w.sum(dim=1)
     out[0, :, head:] = outs.flatten(1, 2).transpose(0, 1)
     return out, kept
+
+
+def _expiries(key, value, c: Compression, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The eviction loop on keys alone: (1, Hkv, T) the first query that no longer sees each key
+    (T: never evicted), and the cache kept after token T-2 as `_replay` returns it."""
+    _, Hkv, T, D = key.shape
+    head, budget, score = c.fix_kv_size + 1, c.budget, c.strategy.score
+    keys = key[:, :, :head].clone(memory_format=torch.contiguous_format)
+    slots = torch.arange(head, device=key.device).expand(1, Hkv, head).clone()
+    exp = torch.full((Hkv, T), T, dtype=torch.long, device=key.device)
+    view = CacheView(keys, slots, layer)
+    flat = torch.arange(Hkv, device=key.device) * head
+    with _one_thread():
+        for t in range(head, T):
+            free = evict_one(score(view), slots, t, budget)[0]  # after token t-1: query t no longer sees it
+            if t == T - 1:
+                values = value.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1]))
+                kept = _in_streaming_order(c, view, values, t)
+            rows = flat + free
+            exp.view(-1).index_fill_(0, slots.view(-1).index_select(0, rows) + flat // head * T, t)
+            keys[0].view(-1, D).index_copy_(0, rows, key[0, :, t])
+            slots.view(-1).index_fill_(0, rows, t)
+    return exp.unsqueeze(0), kept
 
 
 def _in_streaming_order(c: Compression, view: CacheView, values: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
