@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +36,16 @@ def attention_implementation(model: PreTrainedModel, name: str, plan: Any) -> It
     finally:
         model.set_attn_implementation(previous)
         PLAN.reset(token)
+
+
+@dataclass
+class OnePassPlan:
+    """What a one-pass engine's attention function reads (the compression, each layer's window) and
+    fills (`held`: layer -> (tokens held when each query starts, bytes per token))."""
+
+    compression: Any
+    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
+    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
 
 def one_pass(model: PreTrainedModel, input_ids: torch.Tensor, name: str, plan: Any) -> tuple[torch.Tensor, ...]:

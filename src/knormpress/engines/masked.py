@@ -28,15 +28,13 @@ cache layer holds, the last window - 1 keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (BLOCK, PLAN, cache_windows, held_uncompressed, layer_window, no_mask, one_pass,
+from knormpress.engines.attention import (BLOCK, PLAN, OnePassPlan, cache_windows, held_uncompressed, layer_window, no_mask, one_pass,
                                           plain_attention)
 from knormpress.eviction import expiry, held_tokens
 from knormpress.strategies import CacheView
@@ -44,17 +42,12 @@ from knormpress.strategies import CacheView
 ATTN = "knorm_masked"
 
 
-@dataclass
-class _Plan:
-    compression: Compression | None
-    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
-    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
 
 
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of query (B, Hq, T, D) over key/value (B, Hkv, T, D) under the eviction rule."""
     plan = PLAN.get()
-    if not isinstance(plan, _Plan):
+    if not isinstance(plan, OnePassPlan):
         raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.evaluate(engine='masked')")
     T, layer = query.shape[2], module.layer_idx
     c = plan.compression
@@ -105,4 +98,4 @@ AttentionMaskInterface.register(ATTN, no_mask)
 @torch.no_grad()
 def evaluate_masked(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
     """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,))."""
-    return one_pass(model, input_ids, ATTN, _Plan(compression, cache_windows(model)))
+    return one_pass(model, input_ids, ATTN, OnePassPlan(compression, cache_windows(model)))

@@ -32,7 +32,7 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (PLAN, attend, cache_windows, grouped_weights, held_uncompressed, layer_window,
+from knormpress.engines.attention import (PLAN, OnePassPlan, attend, cache_windows, grouped_weights, held_uncompressed, layer_window,
                                           no_mask, one_pass, plain_attention)
 from knormpress.engines.masked import expiry_attention
 from knormpress.eviction import evict_one, select
@@ -42,10 +42,7 @@ ATTN = "knorm_replay"
 
 
 @dataclass
-class _Plan:
-    compression: Compression | None
-    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
-    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
+class _Plan(OnePassPlan):
     kept: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # layer -> (keys, values, positions)
 
 
