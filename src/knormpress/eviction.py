@@ -73,7 +73,9 @@ def evict_one(scores: torch.Tensor, positions: torch.Tensor, length: int, budget
     """Index (...,) of the one token `select` drops from a cache of B + 1: the lowest-scored of the
     older tokens, the latest of them on a tie. The replay engine's step, without select's sorts;
     a test checks it against `select`."""
-    forced = (positions < budget.n_sink) | (positions >= length - budget.n_recent)
+    forced = positions >= length - budget.n_recent
+    if budget.n_sink:
+        forced |= positions < budget.n_sink
     priority = scores.float().masked_fill(forced, math.inf)
     worst = priority == priority.amin(dim=-1, keepdim=True)
     return torch.where(worst, positions, -1).argmax(dim=-1)

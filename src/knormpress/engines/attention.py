@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +37,32 @@ def attention_implementation(model: PreTrainedModel, name: str, plan: Any) -> It
     finally:
         model.set_attn_implementation(previous)
         PLAN.reset(token)
+
+
+@dataclass
+class OnePassPlan:
+    """What a one-pass engine's attention function reads (the compression, each layer's window) and
+    fills (`held`: layer -> (tokens held when each query starts, bytes per token))."""
+
+    compression: Any
+    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
+    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+
+
+def one_pass(model: PreTrainedModel, input_ids: torch.Tensor, name: str, plan: Any) -> tuple[torch.Tensor, ...]:
+    """One forward pass over (1, T) with the attention registered as `name`, which fills
+    `plan.held` (layer -> (tokens held per query, bytes per token)). Returns logits (T, vocab), the
+    tokens held per layer and KV head averaged over layers (T-1,), and the bytes held (T-1,)."""
+    with attention_implementation(model, name, plan):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
+    tokens = torch.stack([t for t, _ in plan.held.values()])
+    return logits, tokens.mean(0), sum(t * b for t, b in plan.held.values())
+
+
+def no_mask(*args, **kwargs) -> None:
+    """Engines that mask inside their attention function skip transformers' T x T mask."""
+    return None
 
 
 def grouped_weights(query: torch.Tensor, key: torch.Tensor, scaling: float | None, visible: torch.Tensor | None) -> torch.Tensor:
@@ -82,6 +109,17 @@ def plain_attention(query, key, value, scaling=None, window: int | None = None) 
             query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], attn_mask=mask, scale=scaling, enable_gqa=True
         )
     return out
+
+
+def compresses(c: Any, layer: int, T: int, window: int | None) -> bool:
+    """Whether this layer's cache is ever pruned in a T-token pass: not without a compression, not
+    for skipped or sliding-window layers, not when the text never fills the budget plus one interval."""
+    return c is not None and window is None and layer not in c.skip_layers and T > c.fix_kv_size + c.interval
+
+
+def bytes_per_token(key: torch.Tensor, value: torch.Tensor) -> int:
+    """Bytes one token takes in one layer's cache: its key and value in every KV head."""
+    return key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
 
 
 def held_uncompressed(T: int, window: int | None = None) -> torch.Tensor:

@@ -28,48 +28,39 @@ cache layer holds, the last window - 1 keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (BLOCK, PLAN, attention_implementation, cache_windows, held_uncompressed,
-                                          layer_window, plain_attention)
+from knormpress.engines.attention import (BLOCK, PLAN, OnePassPlan, bytes_per_token, cache_windows, compresses, held_uncompressed,
+                                          layer_window, no_mask, one_pass, plain_attention)
 from knormpress.eviction import expiry, held_tokens
 from knormpress.strategies import CacheView
 
 ATTN = "knorm_masked"
 
 
-@dataclass
-class _Plan:
-    compression: Compression | None
-    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
-    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
-
-
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of query (B, Hq, T, D) over key/value (B, Hkv, T, D) under the eviction rule."""
     plan = PLAN.get()
-    if not isinstance(plan, _Plan):
+    if not isinstance(plan, OnePassPlan):
         raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.evaluate(engine='masked')")
     T, layer = query.shape[2], module.layer_idx
     c = plan.compression
-    per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+    per_token = bytes_per_token(key, value)
     window = layer_window(kwargs, layer, plan.windows, "masked")
-    if c is None or window is not None or layer in c.skip_layers or T <= c.fix_kv_size + c.interval:
+    if not compresses(c, layer, T, window):
         plan.held[layer] = (held_uncompressed(T, window), per_token)
         return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
     positions = torch.arange(T, device=key.device).expand(key.shape[:3])
     exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget, c.interval)
     plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
-    return _blockwise(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
+    return expiry_attention(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
 
 
-def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
+def expiry_attention(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
     """Causal attention while nothing is evicted, then per block of queries only over the keys
     still alive at the block's start, each query head packed with its KV group."""
     B, Hq, T, D = query.shape
@@ -98,22 +89,11 @@ def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
     return out
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Masks are built per block inside `masked_attention`; skip transformers' T x T mask."""
-    return None
-
-
 AttentionInterface.register(ATTN, masked_attention)
-AttentionMaskInterface.register(ATTN, _no_mask)
+AttentionMaskInterface.register(ATTN, no_mask)
 
 
 @torch.no_grad()
 def evaluate_masked(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
     """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,))."""
-    plan = _Plan(compression, cache_windows(model))
-    with attention_implementation(model, ATTN, plan):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
-    tokens = torch.stack([t for t, _ in plan.held.values()])
-    nbytes = sum(t * b for t, b in plan.held.values())
-    return logits, tokens.mean(0), nbytes
+    return one_pass(model, input_ids, ATTN, OnePassPlan(compression, cache_windows(model)))
