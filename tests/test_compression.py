@@ -91,7 +91,7 @@ def test_score_order_layout_holds_the_same_tokens(model, text_ids):
     (dict(n_sink=600), ["n_sink must be an integer in [0, fix_kv_size=512)"]),
     (dict(strategy="sinks"), ["needs n_sink >= 1"]),
     (dict(skip_layers=[0, 9]), ["skip_layers [9] do not exist", "layers 0..3"]),
-    (dict(fix_kv=64), ["compress has no setting 'fix_kv'", "strategy, fix_kv_size, keep_ratio, skip_layers, sort_by_time, n_sink, when, ratio"]),
+    (dict(fix_kv=64), ["compress has no setting 'fix_kv'", "strategy, fix_kv_size, keep_ratio, skip_layers, sort_by_time, n_sink, positions, interval, when, ratio"]),
     (dict(when="later"), ["unknown compress.when 'later'; choose one of prefill, streaming"]),
     (dict(ratio=0.9), ["give the budget once, as fix_kv_size (tokens) or ratio", "got fix_kv_size=512, ratio=0.9"]),
     (dict(fix_kv_size=None), ["give the budget once", "got fix_kv_size=None, ratio=None"]),
@@ -122,7 +122,8 @@ def test_the_spec_round_trips_through_its_config_node():
     c = Compression({"name": "random", "seed": 7}, fix_kv_size=64, keep_ratio=0, skip_layers=[3, 1, 1], n_sink=2)
     node = c.to_dict()
     assert node == {"strategy": {"name": "random", "seed": 7}, "fix_kv_size": 64, "keep_ratio": 0.0,
-                    "skip_layers": [1, 3], "sort_by_time": True, "n_sink": 2, "when": "streaming", "ratio": None}
+                    "skip_layers": [1, 3], "sort_by_time": True, "n_sink": 2, "positions": "true",
+                    "interval": 1, "when": "streaming", "ratio": None}
     assert Compression.from_dict(node) == c
 
 
@@ -138,3 +139,31 @@ def test_a_ratio_resolves_to_the_share_of_the_prompt_it_keeps(ratio, n_tokens, s
 def test_a_spec_and_keywords_together_are_refused(model, text_ids):
     with pytest.raises(ConfigError, match="either a Compression or its settings"):
         fix_size_l2_compress(filled_cache(model, text_ids[:10]), Compression(), fix_kv_size=8)
+
+
+def test_a_layer_is_pruned_once_it_holds_budget_plus_interval(model, text_ids):
+    c = Compression(fix_kv_size=20, keep_ratio=0.5, skip_layers=[], interval=8)
+    waiting, due = filled_cache(model, text_ids[:27]), filled_cache(model, text_ids[:28])
+    fix_size_l2_compress(waiting, c)
+    fix_size_l2_compress(due, c)
+    assert {l.keys.shape[-2] for l in waiting.layers} == {27} and {l.keys.shape[-2] for l in due.layers} == {20}
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"positions": "bogus"}, "unknown positions 'bogus'; choose one of true, rerotate"),
+    ({"positions": False}, "unknown positions False; choose one of true, rerotate"),
+    ({"interval": 0}, "interval must be an integer >= 1"),
+    ({"interval": 2.5}, "interval must be an integer >= 1"),
+])
+def test_bad_positions_and_interval_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        Compression(**settings)
+
+
+def test_positions_read_as_a_yaml_boolean_mean_true():
+    assert Compression(positions=True).positions == "true"
+
+
+def test_rerotate_on_a_bare_cache_says_how_to_run_it(model, text_ids):
+    with pytest.raises(ConfigError, match="positions='rerotate' moves keys with the model's rotary embedding"):
+        fix_size_l2_compress(filled_cache(model, text_ids[:40]), fix_kv_size=20, positions="rerotate")

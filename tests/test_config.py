@@ -13,7 +13,7 @@ from knormpress.errors import ConfigError
 from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
-PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 4, "paper": 40, "passkey": 40, "needle": 40}
+PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 40, "passkey": 40, "needle": 40}
 LOCAL = ["dataset.path=/tmp"]
 
 
@@ -114,6 +114,11 @@ def test_callback_and_logging_are_wired():
         ("model.source.kind=s3", "unknown model.source.kind 's3'; choose one of hub, pypi, random"),
         ("dataset=local_text", "dataset local_text needs dataset.path"),
         ("compress.fix_kv_size=2999", "compress.fix_kv_size=2999 is not smaller than the 2999 tokens"),
+        ("compress.positions=bogus", "unknown positions 'bogus'; choose one of true, rerotate"),
+        ("compress.positions=rerotate", None),
+        ("compress.positions=true", None),
+        ("compress.interval=0", "interval must be an integer >= 1 (1: prune after every token), got 0"),
+        ("compress.interval=64", None),
     ],
 )
 def test_mistakes_are_one_clear_line(override, message):
@@ -123,6 +128,18 @@ def test_mistakes_are_one_clear_line(override, message):
     with pytest.raises(ConfigError) as error:
         check([override])
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("value,want", [("true", "true"), ("rerotate", "rerotate")])
+def test_positions_survive_hydra_overrides(value, want):
+    """Hydra reads `true` as a boolean; the spec stores the policy's name either way."""
+    run, plain = check([f"compress.positions={value}"])
+    assert run.build_compression().positions == want and plain["compress"]["positions"] == want
+
+
+def test_masked_engine_refuses_rerotate():
+    with pytest.raises(ConfigError, match="positions='rerotate' moves kept keys after each pruning, so engine='masked'"):
+        check(["compress.positions=rerotate", "eval.engine=masked"])
 
 
 def test_typo_in_a_key_fails_in_composition():

@@ -7,8 +7,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "knormpress"
-PRESENTATION = {"claims.py", "effects.py", "figures.py", "labels.py", "panels.py", "retrieval_figures.py", "summary.py",
-                "seed.yaml"}  # report/ only
+PRESENTATION = {"agreement.py", "claims.py", "effects.py", "figures.py", "labels.py", "panels.py", "retrieval_figures.py",
+                "summary.py", "seed.yaml"}  # report/ only
 
 
 def stages() -> dict:

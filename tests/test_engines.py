@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from knormpress import Compression, ConfigError, evaluate, fix_size_l2_compress
+from knormpress import Compression, ConfigError, evaluate, fix_size_l2_compress, run_engine
 
 from conftest import tiny_model
 
@@ -39,6 +39,14 @@ def test_sort_by_time_cannot_matter_when_keys_are_cached_after_rotary(model, tex
     a = evaluate(model, text_ids[:150], Compression(fix_kv_size=32, sort_by_time=True), engine="streaming")
     b = evaluate(model, text_ids[:150], Compression(fix_kv_size=32, sort_by_time=False), engine="streaming")
     assert (a.nll - b.nll).abs().max() < 1e-4
+
+
+def test_sort_by_time_changes_the_logits_when_kept_keys_are_rerotated(model, text_ids):
+    """Under rerotate a kept key's rotation is its slot, so the order of the kept tokens reaches attention."""
+    a, b = (run_engine(model, text_ids[:80], Compression(fix_kv_size=32, sort_by_time=s, positions="rerotate"),
+                       engine="streaming") for s in (True, False))
+    assert (a.logits - b.logits).abs().max() > 1e-3
+    assert torch.equal(*(torch.stack([l.knorm_positions.sort(-1).values for l in o.cache.layers[2:]]) for o in (a, b)))
 
 
 def test_bad_engine_and_short_text(model, text_ids):

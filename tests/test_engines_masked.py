@@ -101,8 +101,8 @@ def test_masked_equals_streaming_on_smollm2(smollm2, gutenberg_ids, monkeypatch)
     c = Compression("keep_low", fix_kv_size=256, keep_ratio=0.5, skip_layers=[0, 1])
     expiries = {}
 
-    def spy(scores, budget):  # called for the compressed layers 2, 3, ... in order
-        full = expiry(scores, budget)
+    def spy(scores, budget, interval):  # called for the compressed layers 2, 3, ... in order
+        full = expiry(scores, budget, interval)
         expiries[2 + len(expiries)] = full[0]
         return full
 
@@ -144,9 +144,9 @@ def check_gemma3(model, ids, strategy, keep_ratio, skip, n_sink, monkeypatch):
     compressed = [l for l, w in enumerate(windows) if w is None and l not in c.skip_layers]
     expiries, steps = [], []
 
-    def spy(scores, budget):  # called for the compressed layers, in layer order
-        expiries.append(expiry(scores, budget)[0])
-        return expiry(scores, budget)
+    def spy(scores, budget, interval):  # called for the compressed layers, in layer order
+        expiries.append(expiry(scores, budget, interval)[0])
+        return expiry(scores, budget, interval)
 
     class Recorder(CacheCompressor):
         def __call__(self, cache, *args):

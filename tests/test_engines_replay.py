@@ -1,7 +1,8 @@
 """The one-pass replay engine equals the token-by-token engine for every replayable strategy
-(static and dynamic), in float64 on tiny GPT-NeoX (partial rotary) and Llama (GQA) models:
-logits within 1e-4, the same held memory, and the same compressed cache at the end (positions,
-keys and values, in the same order, and the attention each kept token received)."""
+(static and dynamic), both position policies and pruning intervals, in float64 on tiny GPT-NeoX
+(partial rotary) and Llama (GQA) models: logits within 1e-4, the same held memory, and the same
+compressed cache at the end (positions, keys and values, in the same order, and the attention each
+kept token received); so does the masked engine for static strategies with true positions at any interval."""
 
 import itertools
 
@@ -32,15 +33,15 @@ def ids():
     return torch.randint(0, VOCAB, (120,), generator=torch.Generator().manual_seed(3))
 
 
-def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=32):
-    c = Compression(seeded(strategy, 5), fix_kv_size, keep_ratio, list(skip), n_sink=n_sink)
+def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=32, engine="replay", **settings):
+    c = Compression(seeded(strategy, 5), fix_kv_size, keep_ratio, list(skip), n_sink=n_sink, **settings)
     a = run_engine(model, ids, c, "streaming")
-    b = run_engine(model, ids, c, "replay")
+    b = run_engine(model, ids, c, engine)
     assert (a.logits - b.logits).abs().max() <= 1e-4
     assert torch.equal(a.kv_tokens, b.kv_tokens) and torch.equal(a.kv_bytes, b.kv_bytes)
-    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True) if b.cache is not None else ():  # masked: no cache
         pa, pb = (getattr(x, "knorm_positions", None) for x in (la, lb))
-        assert (pa is None) == (pb is None) and (pa is None or torch.equal(pa, pb))
+        assert (pa is None) == (pb is None) and (pa is None or torch.equal(pa, pb) and la.knorm_length == lb.knorm_length)
         assert torch.allclose(la.keys, lb.keys, atol=1e-10) and torch.allclose(la.values, lb.values, atol=1e-10)
         sa, sb = (getattr(x, "knorm_attention_sum", None) for x in (la, lb))  # what h2o goes on scoring from
         assert (sa is None) == (sb is None) and (sa is None or torch.allclose(sa, sb, atol=1e-10))
@@ -57,6 +58,37 @@ def test_replay_equals_streaming(models, ids, arch, strategy, keep_ratio, skip, 
 @pytest.mark.parametrize("strategy,keep_ratio,skip,n_sink", GRID)
 def test_replay_equals_streaming_whole_grid(models, ids, arch, strategy, keep_ratio, skip, n_sink):
     check(models[arch], ids, strategy, keep_ratio, skip, n_sink)
+
+
+STATIC = sorted(n for n, cls in STRATEGIES.items() if cls.static)
+# positions x interval x sort_by_time for every replayable strategy; static ones with true positions also masked
+# (under true positions sort_by_time only reorders the cache, which GRID covers)
+POLICY_GRID = [(arch, s, pos, interval, sort, engine) for arch, s, pos, interval, sort in
+               itertools.product(["gpt_neox", "llama"], REPLAYABLE, ["true", "rerotate"], [1, 5], [True, False])
+               if sort or pos == "rerotate" for engine in ["replay"] + (["masked"] if s in STATIC and pos == "true" else [])]
+POLICY_FAST = [("gpt_neox", "keep_low", "rerotate", 1, False, "replay"), ("llama", "h2o", "rerotate", 5, True, "replay"),
+               ("llama", "keep_low", "true", 5, True, "masked"), ("gpt_neox", "tova", "true", 5, False, "replay"),
+               ("llama", "keydiff", "rerotate", 1, False, "replay"), ("gpt_neox", "sinks", "rerotate", 5, True, "replay"),
+               ("gemma3", "keep_low", "rerotate", 5, False, "replay")]  # sliding layers keep true positions
+
+
+def check_policy(models, ids, arch, strategy, positions, interval, sort_by_time, engine):
+    skip, n_sink = ((0,), 4) if strategy == "sinks" or interval == 5 else ((), 0)
+    check(models[arch], ids[:80], strategy, 0.5, skip, n_sink, 24, engine, positions=positions, interval=interval,
+          sort_by_time=sort_by_time)
+
+
+@pytest.mark.parametrize("arch,strategy,positions,interval,sort_by_time,engine", POLICY_FAST)
+def test_one_pass_engines_equal_streaming_under_positions_and_interval(models, ids, arch, strategy, positions,
+                                                                      interval, sort_by_time, engine):
+    check_policy(models, ids, arch, strategy, positions, interval, sort_by_time, engine)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,strategy,positions,interval,sort_by_time,engine", POLICY_GRID)
+def test_one_pass_engines_equal_streaming_under_positions_and_interval_whole_grid(models, ids, arch, strategy, positions,
+                                                                                 interval, sort_by_time, engine):
+    check_policy(models, ids, arch, strategy, positions, interval, sort_by_time, engine)
 
 
 # Gemma 3 (sliding-window layers 0, 2 with window 16): sliding layers attend uncompressed inside their
@@ -98,6 +130,9 @@ def test_recorded_attention_is_the_models_own(models, ids):
                                              ("random_per_step", "streaming")])
 def test_auto_picks_the_fastest_exact_engine(strategy, engine):
     assert pick_engine("auto", Compression(strategy)) == engine
+    assert pick_engine("auto", Compression(strategy, interval=64)) == engine
+    rerotated = pick_engine("auto", Compression(strategy, positions="rerotate"))
+    assert rerotated == ("streaming" if strategy == "random_per_step" else "replay")
 
 
 def test_engines_that_cannot_reproduce_a_strategy_refuse_it():
@@ -105,6 +140,8 @@ def test_engines_that_cannot_reproduce_a_strategy_refuse_it():
         pick_engine("masked", Compression("tova"))
     with pytest.raises(ConfigError, match="'random_per_step' keeps state across layers, so engine='replay'"):
         pick_engine("replay", Compression("random_per_step"))
+    with pytest.raises(ConfigError, match="positions='rerotate' moves kept keys after each pruning, so engine='masked'"):
+        pick_engine("masked", Compression("keep_low", positions="rerotate"))
 
 
 def test_attention_strategies_on_a_bare_cache_say_how_to_run_them(models, ids):

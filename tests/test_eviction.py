@@ -88,3 +88,31 @@ def test_evict_one_drops_what_select_does_not_keep(B, ratio, sink):
         kept = set(select(scores, positions, length, budget).flatten().tolist())
         dropped = set(range(B + 1)) - kept
         assert {evict_one(scores, positions, length, budget).item()} == dropped
+
+
+def stream_at_interval(scores, budget, interval):
+    """The streaming engine at index level with a pruning interval: prune once the cache holds B + interval."""
+    cache, kept = torch.empty(0, dtype=torch.long), []
+    for t in range(len(scores)):
+        cache = torch.cat([cache, torch.tensor([t])])
+        if len(cache) >= budget.fix_kv_size + interval:
+            cache = cache[select(scores[cache], cache, t + 1, budget)]
+        kept.append(cache.clone())
+    return kept
+
+
+@pytest.mark.parametrize("B,ratio,sink,interval", [(6, 0.5, 0, 3), (6, 0.0, 2, 4), (16, 0.3, 4, 7), (1, 0.0, 0, 5)])
+def test_expiry_at_an_interval_is_derived_from_streaming_select(B, ratio, sink, interval):
+    from knormpress.eviction import held_counts
+
+    budget = Budget(B, ratio, sink)
+    scores = torch.randn(2, 70, generator=torch.Generator().manual_seed(B + interval)).round(decimals=1)
+    exp = expiry(scores, budget, interval)
+    for row in range(2):
+        kept = stream_at_interval(scores[row], budget, interval)
+        mask = visible(exp[row], torch.arange(70))
+        for q in range(1, 70):
+            assert set(mask[q].nonzero().flatten().tolist()) == set(kept[q - 1].tolist()) | {q}, (row, q)
+        lengths = [len(k) for k in kept[:-1]]
+        assert held_tokens(exp[row]).tolist() == lengths
+        assert held_counts(70, budget, interval).tolist() == lengths

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from report_data import GEMMA, SMOL, per_text, seed_like, tables, two_models
+from report_data import GEMMA, SMOL, per_text, rerotated_ablations, seed_like, tables, two_models
 
 from knormpress.errors import ConfigError
 from knormpress.report.claims import claims, improvements, load_seed, rule_lines
@@ -17,8 +17,10 @@ STRATEGIES_PPL = "keep_low has lower PPL than random and recent_only at keep_rat
 STRATEGIES_ACC = "keep_low has higher accuracy than random and recent_only at keep_ratio 0.5"
 EVERY_RATIO = "keep_low has lower PPL than random at every keep_ratio"
 BEST_RATIO = "best keep_ratio for keep_low (lowest PPL) is 0.4-0.5"
-TEMPORAL_PPL, TEMPORAL_ACC = "temporal order lowers PPL by 2-5%", "temporal order raises accuracy by 0.5-1%"
-MIXED_PPL, MIXED_ACC = "mixed retention lowers PPL by 3-5%", "mixed retention raises accuracy by 1-2%"
+TRUE, REROTATE = " (positions=true)", " (positions=rerotate)"  # the ablation claims, one verdict per policy
+TEMPORAL_PPL, TEMPORAL_ACC = "temporal order lowers PPL by 2-5%" + TRUE, "temporal order raises accuracy by 0.5-1%" + TRUE
+MIXED_PPL, MIXED_ACC = "mixed retention lowers PPL by 3-5%" + TRUE, "mixed retention raises accuracy by 1-2%" + TRUE
+PER_POLICY = [TEMPORAL_PPL, TEMPORAL_ACC, MIXED_PPL, MIXED_ACC]
 MEMORY = "memory saving 83% (3000 -> 512 tokens)"
 PASSKEY = "KnormPress paper: keep_low loses no passkey accuracy at compress.ratio 0.9 (10% of the cache kept)"
 NEEDLE = "KnormPress paper: keep_low loses no needle-in-a-haystack accuracy at compress.ratio 0.5"
@@ -49,6 +51,7 @@ SEED_LIKE_VERDICTS = {
     TEMPORAL_PPL: FAILS, TEMPORAL_ACC: FAILS,  # identical runs
     MIXED_PPL: HOLDS,  # 1.04 / 1.08: -3.70%, inside -5..-3%
     MIXED_ACC: HOLDS,  # 0.98 / 0.965: +1.55%, inside 1..2%
+    **{c.replace(TRUE, REROTATE): UNMEASURABLE for c in PER_POLICY},  # no rerotate runs
     MEMORY: HOLDS,  # 83.4% within 83 +- 1
     PASSKEY: UNMEASURABLE, NEEDLE: UNMEASURABLE,  # no retrieval runs
 }
@@ -65,8 +68,20 @@ def test_seed_like_runs():
     assert table.claimed.to_dict() == {
         STRATEGIES_PPL: "< 0%", STRATEGIES_ACC: "> 0%", EVERY_RATIO: "< 0%", BEST_RATIO: "argmin in range",
         TEMPORAL_PPL: "-5 to -2%", TEMPORAL_ACC: "+0.5 to +1%", MIXED_PPL: "-5 to -3%", MIXED_ACC: "+1 to +2%",
-        MEMORY: "83%", PASSKEY: "no loss (change > -5%)", NEEDLE: "no loss (change > -5%)",
+        **{c.replace(TRUE, REROTATE): table.claimed[c] for c in PER_POLICY}, MEMORY: "83%",
+        PASSKEY: "no loss (change > -5%)", NEEDLE: "no loss (change > -5%)",
     }
+
+
+def test_each_position_policy_gets_its_own_verdict():
+    """Time order cannot matter under true positions (identical runs) and can under rerotate."""
+    table = _claims(seed_like() + rerotated_ablations())
+    assert table.verdict[TEMPORAL_PPL] == table.verdict[TEMPORAL_ACC] == FAILS
+    assert table.verdict[TEMPORAL_PPL.replace(TRUE, REROTATE)] == HOLDS  # 1.04 / 1.08: -3.70%
+    assert table.verdict[TEMPORAL_ACC.replace(TRUE, REROTATE)] == HOLDS  # 0.98 / 0.975: +0.51%
+    assert table.verdict[MIXED_PPL.replace(TRUE, REROTATE)] == FAILS  # 1.04 / 1.05: -0.95%
+    assert table.measured[TEMPORAL_PPL.replace(TRUE, REROTATE)] == "sorted vs unsorted: -3.70% [-3.70, -3.70]"
+    assert list(table.index).count(TEMPORAL_PPL) == 1  # the other experiments' runs do not add policies
 
 
 @pytest.mark.parametrize(("changes", "claim", "want"), [
@@ -141,7 +156,7 @@ def test_two_models_are_decided_apart():
     """Gemma's runs share strategies and text ids with SmolLM2's and are newer: any pick or pairing
     across models would change SmolLM2's numbers or mix them into Gemma's."""
     table = claims(*tables(two_models()))
-    assert table.model.tolist() == [SMOL] * 11 + [GEMMA] * 11  # SmolLM2 ran more experiments
+    assert table.model.tolist() == [SMOL] * 15 + [GEMMA] * 15  # SmolLM2 ran more experiments; 4 claims per policy
     smol, gemma = (table[table.model == m].set_index("claim") for m in (SMOL, GEMMA))
     assert smol.verdict.to_dict() == SEED_LIKE_VERDICTS
     assert smol.measured[STRATEGIES_PPL] == "vs random: -4.55% [-4.55, -4.55]; vs recent_only: -7.08% [-7.08, -7.08]"
@@ -150,8 +165,7 @@ def test_two_models_are_decided_apart():
         STRATEGIES_PPL: FAILS,  # 0.96 / 0.864: +11.11% vs random, 0.96 / 0.88: +9.09% vs recent_only
         STRATEGIES_ACC: FAILS,  # 0.99 / 1.056: -6.25%, 0.99 / 1.045: -5.26%
         EVERY_RATIO: UNMEASURABLE, BEST_RATIO: UNMEASURABLE,  # keep_ratio not run for Gemma
-        TEMPORAL_PPL: UNMEASURABLE, TEMPORAL_ACC: UNMEASURABLE, MIXED_PPL: UNMEASURABLE,  # nor ablations
-        MIXED_ACC: UNMEASURABLE,
+        **{c.replace(TRUE, policy): UNMEASURABLE for c in PER_POLICY for policy in (TRUE, REROTATE)},  # nor ablations
         MEMORY: FAILS,  # 70%
         PASSKEY: UNMEASURABLE, NEEDLE: UNMEASURABLE,  # no retrieval runs
     }
@@ -167,16 +181,22 @@ def test_improvements_for_the_figure():
     got = [(i["improvement"], i["label"], i["metric"], i["claimed"], i["verdict"])
            for i in improvements(*tables(seed_like()))]
     assert got == [
-        ("temporal order", "sorted vs unsorted", "ppl", (-5.0, -2.0), FAILS),
-        ("temporal order", "sorted vs unsorted", "accuracy", (0.5, 1.0), FAILS),
-        ("mixed retention", "keep_ratio 0.5 vs 0", "ppl", (-5.0, -3.0), HOLDS),
-        ("mixed retention", "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), HOLDS),
+        ("temporal order" + TRUE, "sorted vs unsorted", "ppl", (-5.0, -2.0), FAILS),
+        ("temporal order" + REROTATE, "sorted vs unsorted", "ppl", (-5.0, -2.0), UNMEASURABLE),
+        ("temporal order" + TRUE, "sorted vs unsorted", "accuracy", (0.5, 1.0), FAILS),
+        ("temporal order" + REROTATE, "sorted vs unsorted", "accuracy", (0.5, 1.0), UNMEASURABLE),
+        ("mixed retention" + TRUE, "keep_ratio 0.5 vs 0", "ppl", (-5.0, -3.0), HOLDS),
+        ("mixed retention" + REROTATE, "keep_ratio 0.5 vs 0", "ppl", (-5.0, -3.0), UNMEASURABLE),
+        ("mixed retention" + TRUE, "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), HOLDS),
+        ("mixed retention" + REROTATE, "keep_ratio 0.5 vs 0", "accuracy", (1.0, 2.0), UNMEASURABLE),
     ]
     got = [(i["model"], i["improvement"], i["metric"], i["verdict"]) for i in improvements(*tables(two_models()))]
-    assert got == [(SMOL, "temporal order", "ppl", FAILS), (SMOL, "temporal order", "accuracy", FAILS),
-                   (SMOL, "mixed retention", "ppl", HOLDS), (SMOL, "mixed retention", "accuracy", HOLDS),
-                   *[(GEMMA, name, metric, UNMEASURABLE) for name in ("temporal order", "mixed retention")
-                     for metric in ("ppl", "accuracy")]]
+    smol = [(SMOL, n + TRUE, m, v) for n, m, v in (("temporal order", "ppl", FAILS), ("temporal order", "accuracy", FAILS),
+                                                   ("mixed retention", "ppl", HOLDS), ("mixed retention", "accuracy", HOLDS))]
+    for i in (3, 2, 1, 0):  # each policy=true item is followed by its rerotate twin, not measured here
+        smol.insert(i + 1, (SMOL, smol[i][1].replace(TRUE, REROTATE), smol[i][2], UNMEASURABLE))
+    assert got == smol + [(GEMMA, name + policy, metric, UNMEASURABLE) for name in ("temporal order", "mixed retention")
+                          for metric in ("ppl", "accuracy") for policy in (TRUE, REROTATE)]
 
 
 def test_packaged_seed_data():

@@ -27,14 +27,16 @@ def test_tidy_types_orders_and_keeps_unknown_metrics():
     df = tidy(rows)
     assert df.run_id.tolist() == ["d", "a", "b", "c"]  # by experiment; baseline first; sorted before unsorted
     cols = df.columns.tolist()
-    assert cols[:12] == ["run_id", "experiment", "role", "task", "strategy", "keep_ratio", "fix_kv_size",
-                         "sort_by_time", "n_sink", "skip_layers", "ratio", "when"]
-    assert cols[12:15] == ["ppl", "ppl_lo", "ppl_hi"] and cols[-13] == "model" and cols[-1] == "start_time"
+    assert cols[:14] == ["run_id", "experiment", "role", "task", "strategy", "keep_ratio", "fix_kv_size",
+                         "sort_by_time", "n_sink", "skip_layers", "positions", "interval", "ratio", "when"]
+    assert cols[14:17] == ["ppl", "ppl_lo", "ppl_hi"] and cols[-13] == "model" and cols[-1] == "start_time"
     assert cols[cols.index("wall_s") + 1:cols.index("model")] == ["bleu", "f1"]  # other metrics: sorted, after known
     c = df.set_index("run_id").loc["c"]
     assert c.keep_ratio == 0.5 and c.sort_by_time is not pd.NA and not c.sort_by_time
     assert c.n_texts == 3 and str(df.n_texts.dtype) == "Int64" and c.f1 == 0.25 and c.bleu == 7.0
     assert math.isnan(c.ppl) and pd.isna(c.task)
+    # runs from before positions and interval existed computed true positions, pruning every token
+    assert (c.positions, c.interval) == ("true", 1) and df.set_index("run_id").loc["a", ["positions", "interval"]].isna().all()
 
 
 def test_results_v1_csvs_read_with_their_columns_and_values():

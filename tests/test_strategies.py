@@ -100,6 +100,7 @@ def test_tova_scores_the_current_attention_averaged_over_heads():
 
 
 def test_keydiff_keeps_keys_unlike_the_mean():
-    # mean key (4/3, 2/3) points along (2, 1)/sqrt(5): cos = 2/sqrt(5), 1/sqrt(5), 2/sqrt(5)
-    want = -torch.tensor([[[2.0, 1.0, 2.0]]]) / 5**0.5
+    # mean key (4/3, 2/3) points along (2, 1)/sqrt(5): cos = 2/sqrt(5), 1/sqrt(5), 2/sqrt(5); the score is
+    # minus the cosine times |sum of keys| = |(4, 2)| = sqrt(20), a positive factor per head
+    want = -torch.tensor([[[2.0, 1.0, 2.0]]]) / 5**0.5 * 20**0.5
     assert torch.allclose(get_strategy("keydiff").score(view_by_hand()), want)

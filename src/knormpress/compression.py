@@ -14,9 +14,11 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from knormpress.errors import ConfigError, choose
 from knormpress.eviction import Budget, select
 from knormpress.registry import settings
+from knormpress.rotary import Rotary
 from knormpress.strategies import CacheView, Strategy, get_strategy
 
 WHEN = ("prefill", "streaming")  # compress.when: prune once after the prompt, or keep within budget while reading
+POSITIONS = ("true", "rerotate")  # see the README, "Positions after pruning"
 
 
 @dataclass
@@ -37,11 +39,18 @@ class Compression:
     skip_layers: Sequence[int] = (0, 1)
     sort_by_time: bool = True
     n_sink: int = 0
+    positions: str = "true"  # POSITIONS: where kept keys sit after pruning (true positions or re-rotated to slots)
+    interval: int = 1  # prune back to fix_kv_size once the cache reaches fix_kv_size + interval tokens
     when: str = "streaming"
     ratio: float | None = None
 
     def __post_init__(self) -> None:
         self.strategy = get_strategy(self.strategy)
+        if self.positions is True:  # YAML and Hydra read `positions: true` as a boolean
+            self.positions = "true"
+        choose("positions", self.positions, POSITIONS)
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ConfigError(f"interval must be an integer >= 1 (1: prune after every token), got {self.interval!r}")
         if (self.fix_kv_size is None) == (self.ratio is None):
             given = f"fix_kv_size={self.fix_kv_size}, ratio={self.ratio}"
             raise ConfigError(f"give the budget once, as fix_kv_size (tokens) or ratio (share of the prompt dropped), "
@@ -110,17 +119,28 @@ class CacheCompressor:
 
     The absolute position of every cached token is remembered on the layer (`knorm_positions`)
     so the recent window, sinks, ties and the random strategy stay right after reordering;
-    tokens the model appended since the last call are new positions, in order.
+    tokens the model appended since the last call are new positions, in order. A layer is pruned
+    once it holds fix_kv_size + interval tokens.
+
+    With `positions="rerotate"` every key of a compressed layer is rotated at its index in the
+    cache: pruning rotates each kept key from its old index to its new one with `rotary` (the
+    model's own rotary embedding), and the engines' attention puts each new token at the next
+    index (`knormpress.engines.attention.shift_new_tokens`).
     """
 
-    def __init__(self, compression: Compression) -> None:
+    def __init__(self, compression: Compression, rotary: Rotary | None = None) -> None:
         compression.budget  # noqa: B018  (a ratio must be resolved to tokens first: fails with one line)
+        if compression.positions == "rerotate" and rotary is None:
+            raise ConfigError("positions='rerotate' moves keys with the model's rotary embedding, which a bare cache "
+                              "does not hold; run it through knormpress.evaluate or knormpress.run_engine")
         self.compression = compression
+        self.rotary = rotary if compression.positions == "rerotate" else None
 
     def __call__(self, cache: DynamicCache, attention: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
         """Prune every compressed layer of `cache` to the budget. `attention`: per layer, the last
         query's weights and the weights summed since the last call (the engine records them for
-        strategies with `needs_attention`); their running sum is kept on the layer."""
+        strategies with `needs_attention`); their running sum is kept on the layer for strategies
+        with `needs_attention_sum`."""
         layers = _dynamic_layers(cache)
         c = self.compression
         if layers:  # a fresh DynamicCache() grows its layers lazily
@@ -129,12 +149,14 @@ class CacheCompressor:
             if idx in c.skip_layers or layer.is_sliding or not layer.is_initialized:
                 continue  # a sliding-window layer already holds at most its window
             last, total = (attention or {}).get(idx, (None, None))
+            if not c.strategy.needs_attention_sum:
+                total = None  # only a strategy that reads the running sum keeps it on the layer
             if total is not None:
                 total = _accumulate(getattr(layer, "knorm_attention_sum", None), total)
                 layer.knorm_attention_sum = total
-            if layer.keys.shape[-2] <= c.fix_kv_size:
+            if layer.keys.shape[-2] < c.fix_kv_size + c.interval:
                 continue
-            if c.strategy.needs_attention and total is None:
+            if c.strategy.needs_attention and last is None:
                 raise ConfigError(
                     f"strategy {c.strategy.name!r} scores tokens by the attention they receive, which a bare cache "
                     "does not hold; run it through knormpress.evaluate or knormpress.run_engine"
@@ -146,6 +168,8 @@ class CacheCompressor:
                 layer.knorm_attention_sum = total.gather(-1, keep)
             layer.keys = layer.keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, layer.values.shape[-1]))
+            if self.rotary is not None:  # each kept key from its old index to its new one
+                layer.keys = self.rotary.shift(layer.keys, torch.arange(keep.shape[-1], device=keep.device) - keep, idx)
             layer.knorm_positions = positions.gather(-1, keep)
             layer.knorm_length = length
         return cache

@@ -73,19 +73,24 @@ def evict_one(scores: torch.Tensor, positions: torch.Tensor, length: int, budget
     """Index (...,) of the one token `select` drops from a cache of B + 1: the lowest-scored of the
     older tokens, the latest of them on a tie. The replay engine's step, without select's sorts;
     a test checks it against `select`."""
-    forced = (positions < budget.n_sink) | (positions >= length - budget.n_recent)
+    forced = positions >= length - budget.n_recent
+    if budget.n_sink:
+        forced |= positions < budget.n_sink
     priority = scores.float().masked_fill(forced, math.inf)
     worst = priority == priority.amin(dim=-1, keepdim=True)
     return torch.where(worst, positions, -1).argmax(dim=-1)
 
 
-def expiry(scores: torch.Tensor, budget: Budget) -> torch.Tensor:
+def expiry(scores: torch.Tensor, budget: Budget, interval: int = 1) -> torch.Tensor:
     """First query position that can no longer see each key, shape like `scores` (..., T).
 
     scores: static scores of the keys at positions 0..T-1. A key that is never evicted
     within T tokens gets T. Replays the eviction of older tokens with a min-heap of the K
     survivors: when older token m arrives (at step m + n_recent) and pushes out token w,
-    queries from m + n_recent + 1 on no longer see w.
+    queries from m + n_recent + 1 on no longer see w. With a pruning `interval` the cache is
+    pruned only after steps B + k * interval - 1 (k >= 1, when it holds B + interval tokens);
+    a static score never lets an evicted key win again, so the key leaves at the first pruning
+    at or after the step that evicts it when pruning every step.
     """
     shape, T = scores.shape, scores.shape[-1]
     first = budget.n_sink
@@ -102,7 +107,19 @@ def expiry(scores: torch.Tensor, budget: Budget) -> torch.Tensor:
             _, neg_w = heapq.heappushpop(heap, item) if K else item
             expires[-neg_w] = min(m + lag, T)
         out[row] = torch.tensor(expires)
+    if interval > 1:  # round the eviction step up to the next pruning: expiry B + k * interval
+        B = budget.fix_kv_size
+        late = out < T
+        out[late] = (B + (out[late] - B + interval - 1) // interval * interval).clamp(max=T)
     return out.reshape(shape).to(scores.device)
+
+
+def held_counts(T: int, budget: Budget, interval: int = 1) -> torch.Tensor:
+    """Tokens a compressed layer holds when query q = 1..T-1 starts, (T-1,) float64: q until the
+    first pruning, then B again after every pruning, growing by one per token in between."""
+    q = torch.arange(1, T, dtype=torch.float64)
+    B = budget.fix_kv_size
+    return torch.where(q < B + interval, q, B + (q - B) % interval)
 
 
 def held_tokens(expiry_at: torch.Tensor) -> torch.Tensor:

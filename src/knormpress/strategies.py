@@ -46,13 +46,15 @@ class Strategy:
     strategy (static False) runs token by token or in the one-pass replay; it must score from the
     view alone (this layer's keys and attention), never from another layer's state, for the replay
     to stay exact (`replayable` False otherwise). `needs_attention`: the engines compute the
-    view's attention fields."""
+    view's `attention` (the current query's weights); `needs_attention_sum` also its running sum
+    (the replay skips that sum for strategies that do not read it)."""
 
     name: ClassVar[str]
     static: ClassVar[bool] = True
     replayable: ClassVar[bool] = True
     needs_sinks: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
+    needs_attention_sum: ClassVar[bool] = False
 
     def score(self, view: CacheView) -> torch.Tensor:
         """(batch, kv_heads, n) float32 scores for the cached tokens, higher = keep."""
@@ -69,6 +71,7 @@ class H2O(Strategy):
     name = "h2o"
     static = False
     needs_attention = True
+    needs_attention_sum = True
 
     def score(self, view):
         return view.attention_sum.float()
@@ -100,8 +103,9 @@ class KeyDiff(Strategy):
 
     def score(self, view):
         keys = view.keys.float()
-        anchor = keys.mean(dim=-2, keepdim=True)
-        return -torch.nn.functional.cosine_similarity(keys, anchor, dim=-1)
+        # the cosine up to a positive factor per head (1 / (n |mean|)), which leaves the ranking alone
+        # and halves the cost of the replay's per-token step
+        return -torch.linalg.vecdot(keys, keys.sum(dim=-2, keepdim=True)) / torch.linalg.vector_norm(keys, dim=-1)
 
 
 def get_strategy(spec: str | dict | Strategy) -> Strategy:

@@ -1,9 +1,9 @@
 """Engines: run a model over one sequence under a compression and return logits and held memory.
 
 "streaming" reads token by token with a real cache (the reference); "masked" computes the same
-numbers in one forward pass by key expiry, for static strategies; "replay" in one forward pass
-in which each layer replays its own eviction, for any replayable strategy; "auto" picks the
-fastest exact one. Engines know nothing of metrics: tasks turn their logits into numbers.
+numbers in one forward pass by key expiry, for static strategies with true positions (any
+interval); "replay" in one forward pass in which each layer replays its own eviction, for any
+replayable strategy and either position policy; "auto" picks the fastest exact one. Engines know nothing of metrics: tasks turn their logits into numbers.
 """
 
 from __future__ import annotations
@@ -53,11 +53,15 @@ def pick_engine(engine: str, compression: Compression | None) -> str:
     if engine == "masked" and not static:
         raise ConfigError(f"strategy {name!r} re-scores tokens at every step, so engine='masked' cannot reproduce it; "
                           "use engine='replay', 'streaming' or 'auto'")
+    if engine == "masked" and compression is not None and compression.positions != "true":
+        raise ConfigError(f"positions={compression.positions!r} moves kept keys after each pruning, so engine='masked' "
+                          "cannot reproduce it; use engine='replay', 'streaming' or 'auto'")
     if engine == "replay" and not replayable:
         raise ConfigError(f"strategy {name!r} keeps state across layers, so engine='replay' cannot reproduce it; "
                           "use engine='streaming' or 'auto'")
     if engine == "auto":
-        return "masked" if static else "replay" if replayable else "streaming"
+        true = compression is None or compression.positions == "true"
+        return "masked" if static and true else "replay" if replayable else "streaming"
     return engine
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from knormpress.errors import ConfigError
+from knormpress.rotary import Rotary
 
 PLAN: ContextVar[Any] = ContextVar("knorm_plan", default=None)
 BLOCK = 512  # queries per attention block: bounds mask memory at heads x BLOCK x (budget + BLOCK)
@@ -35,6 +37,32 @@ def attention_implementation(model: PreTrainedModel, name: str, plan: Any) -> It
     finally:
         model.set_attn_implementation(previous)
         PLAN.reset(token)
+
+
+@dataclass
+class OnePassPlan:
+    """What a one-pass engine's attention function reads (the compression, each layer's window) and
+    fills (`held`: layer -> (tokens held when each query starts, bytes per token))."""
+
+    compression: Any
+    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
+    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+
+
+def one_pass(model: PreTrainedModel, input_ids: torch.Tensor, name: str, plan: Any) -> tuple[torch.Tensor, ...]:
+    """One forward pass over (1, T) with the attention registered as `name`, which fills
+    `plan.held` (layer -> (tokens held per query, bytes per token)). Returns logits (T, vocab), the
+    tokens held per layer and KV head averaged over layers (T-1,), and the bytes held (T-1,)."""
+    with attention_implementation(model, name, plan):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
+    tokens = torch.stack([t for t, _ in plan.held.values()])
+    return logits, tokens.mean(0), sum(t * b for t, b in plan.held.values())
+
+
+def no_mask(*args, **kwargs) -> None:
+    """Engines that mask inside their attention function skip transformers' T x T mask."""
+    return None
 
 
 def grouped_weights(query: torch.Tensor, key: torch.Tensor, scaling: float | None, visible: torch.Tensor | None) -> torch.Tensor:
@@ -83,6 +111,17 @@ def plain_attention(query, key, value, scaling=None, window: int | None = None) 
     return out
 
 
+def compresses(c: Any, layer: int, T: int, window: int | None) -> bool:
+    """Whether this layer's cache is ever pruned in a T-token pass: not without a compression, not
+    for skipped or sliding-window layers, not when the text never fills the budget plus one interval."""
+    return c is not None and window is None and layer not in c.skip_layers and T > c.fix_kv_size + c.interval
+
+
+def bytes_per_token(key: torch.Tensor, value: torch.Tensor) -> int:
+    """Bytes one token takes in one layer's cache: its key and value in every KV head."""
+    return key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+
+
 def held_uncompressed(T: int, window: int | None = None) -> torch.Tensor:
     """Tokens an uncompressed layer's cache holds when query q = 1..T-1 starts, (T-1,) float64: every
     earlier key, or for a sliding layer the last window - 1 of them (transformers' DynamicSlidingWindowLayer
@@ -120,17 +159,35 @@ def cache_windows(model: PreTrainedModel) -> list[int | None]:
 RECORD = "knorm_record"
 
 
+def shift_new_tokens(rotary: Rotary, query: torch.Tensor, key: torch.Tensor, start: int, layer: int) -> torch.Tensor:
+    """positions=rerotate, token by token: the call's q tokens arrive rotated at their true positions
+    start.., but the layer's cache holds n - q earlier keys at indices 0..n-q-1, so they belong at
+    n-q..n-1. Rotates the new keys in place (`key` is the cache layer's own tensor) and returns the
+    query, both moved by n - q - start."""
+    q, n = query.shape[2], key.shape[2]
+    delta = n - q - start
+    if delta == 0:
+        return query
+    key[:, :, n - q:] = rotary.shift(key[:, :, n - q:], delta, layer)
+    return rotary.shift(query, delta, layer)
+
+
 def recording_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Exact attention for the token-by-token engine that also records, per compressed layer, what
-    attention-based strategies score from: the last query's weights (B, Hq, n) and the weights
-    summed over the call's queries and each KV group (B, Hkv, n). The cache holds n - q earlier
-    tokens, then this call's q tokens in order, so query i sees keys 0 .. n - q + i. Layers that
-    are not compressed (skipped, sliding-window) run transformers' own SDPA path untouched."""
+    """Exact attention for the token-by-token engine that puts new tokens at their slots under
+    positions=rerotate and records, per compressed layer, what attention-based strategies score
+    from: the last query's weights (B, Hq, n) and the weights summed over the call's queries and
+    each KV group (B, Hkv, n). The cache holds n - q earlier tokens, then this call's q tokens in
+    order, so query i sees keys 0 .. n - q + i. Layers that are not compressed (skipped,
+    sliding-window) run transformers' own SDPA path untouched."""
     plan = PLAN.get()
     layer = module.layer_idx
     if layer in plan.compression.skip_layers or kwargs.get("sliding_window") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     refuse_unsupported(kwargs, "streaming")
+    if plan.rotary is not None:
+        query = shift_new_tokens(plan.rotary, query, key, plan.start, layer)
+    if not plan.record:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     q, n = query.shape[2], key.shape[2]
     visible = torch.arange(n, device=key.device) <= (n - q) + torch.arange(q, device=key.device).view(-1, 1)
     w = grouped_weights(query, key, scaling, visible)

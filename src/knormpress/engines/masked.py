@@ -8,6 +8,19 @@ attention interface, so any architecture that dispatches through it works (Llama
 GPT-NeoX with partial rotary, Gemma 3 with sliding-window layers, ...). Assumes one unpadded
 sequence, as `evaluate` passes.
 
+What "exact" means: in exact arithmetic this engine keeps the same tokens as the streaming engine
+for every query, as both apply `knormpress.eviction` to the same scores; the float64 tests
+(SmolLM2, tiny models) show it. In float32 the keys of one batched pass and of one-token steps
+differ in the last bits (~1e-7 relative), so a key norm within that noise of a rounding midpoint
+of `strategies.key_norm` can round differently here than in the streaming engine; if that key is
+at the eviction margin, the two keep different tokens, and later keys then differ by more than
+rounding. On the default study (SmolLM2 in float32, 3 texts x 3000 tokens, keep_low, fix_kv_size
+512, keep_ratio 0.5, skip [0, 1]) this moved the pooled perplexity by 5.7e-8 relative and changed
+no token's correctness (kept sets differ at 597 of 7,458 queries, in 2.7e-6 of the kept tokens);
+with fix_kv_size 256, keep_ratio 0 and every layer compressed, by 8.9e-4 and accuracy by +0.011
+percentage points. `tests/test_engines_float32.py` bounds it, `knormpress.engines.agreement`
+counts it, `scripts/bench_engines.py` reports it.
+
 Sliding-window layers are never compressed (they hold at most their window already): they attend
 through `plain_attention` with the window the model passes, and report what transformers' sliding
 cache layer holds, the last window - 1 keys.
@@ -15,48 +28,39 @@ cache layer holds, the last window - 1 keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (BLOCK, PLAN, attention_implementation, cache_windows, held_uncompressed,
-                                          layer_window, plain_attention)
+from knormpress.engines.attention import (BLOCK, PLAN, OnePassPlan, bytes_per_token, cache_windows, compresses, held_uncompressed,
+                                          layer_window, no_mask, one_pass, plain_attention)
 from knormpress.eviction import expiry, held_tokens
 from knormpress.strategies import CacheView
 
 ATTN = "knorm_masked"
 
 
-@dataclass
-class _Plan:
-    compression: Compression | None
-    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
-    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
-
-
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of query (B, Hq, T, D) over key/value (B, Hkv, T, D) under the eviction rule."""
     plan = PLAN.get()
-    if not isinstance(plan, _Plan):
+    if not isinstance(plan, OnePassPlan):
         raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.evaluate(engine='masked')")
     T, layer = query.shape[2], module.layer_idx
     c = plan.compression
-    per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+    per_token = bytes_per_token(key, value)
     window = layer_window(kwargs, layer, plan.windows, "masked")
-    if c is None or window is not None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
+    if not compresses(c, layer, T, window):
         plan.held[layer] = (held_uncompressed(T, window), per_token)
         return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
     positions = torch.arange(T, device=key.device).expand(key.shape[:3])
-    exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget)
+    exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget, c.interval)
     plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
-    return _blockwise(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
+    return expiry_attention(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
 
 
-def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
+def expiry_attention(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
     """Causal attention while nothing is evicted, then per block of queries only over the keys
     still alive at the block's start, each query head packed with its KV group."""
     B, Hq, T, D = query.shape
@@ -85,22 +89,11 @@ def _blockwise(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
     return out
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Masks are built per block inside `masked_attention`; skip transformers' T x T mask."""
-    return None
-
-
 AttentionInterface.register(ATTN, masked_attention)
-AttentionMaskInterface.register(ATTN, _no_mask)
+AttentionMaskInterface.register(ATTN, no_mask)
 
 
 @torch.no_grad()
 def evaluate_masked(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
     """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,))."""
-    plan = _Plan(compression, cache_windows(model))
-    with attention_implementation(model, ATTN, plan):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
-    tokens = torch.stack([t for t, _ in plan.held.values()])
-    nbytes = sum(t * b for t, b in plan.held.values())
-    return logits, tokens.mean(0), nbytes
+    return one_pass(model, input_ids, ATTN, OnePassPlan(compression, cache_windows(model)))

@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from knormpress.compression import CacheCompressor, Compression
+from knormpress.errors import ConfigError
 from knormpress.engines import run_engine
 from knormpress.engines.attention import PROMPT, RECORD, attention_implementation
 from knormpress.engines.streaming import _Recording
@@ -159,6 +160,9 @@ def generate(model: PreTrainedModel, prompts: torch.Tensor, compression: Compres
     once `done(tokens so far)` holds for every prompt. The budget of a `ratio` is taken of T."""
     n, T = prompts.shape
     c = None if compression is None else compression.resolved(T)
+    if c is not None and c.positions != "true":
+        raise ConfigError(f"decoding after a prompt keeps keys at their true positions; positions={c.positions!r} is "
+                          "implemented for the lm task only: use compress.positions=true")
     parts = [prompt_cache(model, row, c, engine) for row in prompts]
     cache, logits = _stack(model, [p[0] for p in parts]), torch.stack([p[1] for p in parts])
     tokens, bytes_ = [parts[0][2]], [parts[0][3]]

@@ -11,8 +11,21 @@ all layers) is not `replayable` and runs token by token.
 Layers that are not compressed (skipped, sliding-window, or shorter than the budget) attend
 through `plain_attention`, a sliding layer with the window the model passes, as in the masked engine.
 
-The replay keeps B + 1 slots per KV head: the token that joins takes the slot of the one evicted
-at the previous step, so nothing is copied; attention does not depend on the order of keys.
+"Exactly" means in exact arithmetic (the float64 tests). In float32 the layer's inputs come from
+one batched pass instead of one-token steps and differ in the last bits, so a near-tie in the
+scores (rounded key norms, attention weights) can be decided differently than token by token, as
+for the masked engine (see `knormpress.engines.masked` for its measured size on the default study;
+`knormpress.engines.agreement` counts it for any strategy).
+
+The replay keeps B + interval slots per KV head (`_Slots`): a token that joins takes a slot freed by
+the last pruning, so nothing is copied; attention does not depend on the order of keys. Under
+positions=rerotate the order does matter, through the rotation: each slot remembers the index its
+key is rotated at in the streaming cache, and each pruning rotates the kept keys to their new
+indices, as the token-by-token engine does with its real cache.
+
+A strategy that scores from keys and positions alone (`needs_attention` false) under true positions
+needs no attention inside the loop: the slots replay the evictions on keys, each key gets the first
+query that no longer sees it, and the masked engine's `expiry_attention` computes the outputs in blocks.
 """
 
 from __future__ import annotations
@@ -26,19 +39,19 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (PLAN, attend, attention_implementation, cache_windows, grouped_weights,
-                                          held_uncompressed, layer_window, plain_attention)
-from knormpress.eviction import evict_one, select
+from knormpress.engines.attention import (PLAN, OnePassPlan, attend, bytes_per_token, cache_windows, compresses, grouped_weights,
+                                          held_uncompressed, layer_window, no_mask, one_pass, plain_attention)
+from knormpress.engines.masked import expiry_attention
+from knormpress.eviction import evict_one, held_counts, select
+from knormpress.rotary import Rotary
 from knormpress.strategies import CacheView
 
 ATTN = "knorm_replay"
 
 
 @dataclass
-class _Plan:
-    compression: Compression | None
-    windows: list[int | None]  # per layer: the window of a sliding layer in transformers' cache, else None
-    held: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # layer -> (tokens, bytes/token)
+class _Plan(OnePassPlan):
+    rotary: Rotary | None = None  # positions=rerotate: the model's rotary embedding
     kept: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # layer -> (keys, values, positions, attention sum)
 
 
@@ -48,63 +61,155 @@ def replay_attention(module, query, key, value, attention_mask, scaling=None, dr
     if not isinstance(plan, _Plan):
         raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.run_engine(engine='replay')")
     T, layer, c = query.shape[2], module.layer_idx, plan.compression
-    per_token = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+    per_token = bytes_per_token(key, value)
     window = layer_window(kwargs, layer, plan.windows, "replay")
-    if c is None or window is not None or layer in c.skip_layers or T <= c.fix_kv_size + 1:
+    if not compresses(c, layer, T, window):
         plan.held[layer] = (held_uncompressed(T, window), per_token)
         plan.kept[layer] = (key[:, :, : T - 1], value[:, :, : T - 1], None, None)  # a sliding cache layer keeps its window
         return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
-    plan.held[layer] = (torch.arange(1, T, dtype=torch.float64).clamp(max=c.fix_kv_size), per_token)
-    out, plan.kept[layer] = _replay(query, key, value, scaling, c, layer)
+    plan.held[layer] = (held_counts(T, c.budget, c.interval), per_token)
+    with _one_thread():  # a dozen tiny ops per token: threads only add overhead
+        if c.strategy.needs_attention or plan.rotary is not None:
+            out, plan.kept[layer] = _replay(query, key, value, scaling, _Slots(key, c, layer, plan.rotary))
+        else:
+            exp, plan.kept[layer] = _expiries(key, value, _Slots(key, c, layer))
+            out = expiry_attention(query, key, value, exp, c.fix_kv_size, scaling)
     return out.transpose(1, 2), None
 
 
-def _replay(query, key, value, scaling, c: Compression, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Queries 0..B see every earlier key; from then on each query sees the B kept keys and itself,
-    and after it the strategy evicts one key per KV head (`eviction.evict_one`, i.e. `select`).
-    Returns the outputs and the cache kept after token T-2 in the streaming engine's order:
-    (keys, values, positions, attention received so far or None)."""
+class _Slots:
+    """One layer's cache as the streaming engine holds it, in B + I slots per KV head (I = interval):
+    the key in each slot (rotated to the slot's index in the streaming cache under rerotate), the
+    position it holds, and the slots the last pruning freed. Once all are filled (the streaming cache
+    holds B + I) the strategy frees I of them, the ones `select` drops (for I = 1 `evict_one`: the
+    same token, without select's sorts); under rerotate the kept keys move to their indices in
+    `select`'s order, and each new token takes the next index."""
+
+    def __init__(self, key: torch.Tensor, c: Compression, layer: int, rotary: Rotary | None = None) -> None:
+        _, Hkv, self.T, _ = key.shape
+        self.c, self.layer, self.rotary, self.key = c, layer, rotary, key
+        self.B, self.n = c.fix_kv_size, c.fix_kv_size + c.interval
+        self.keys = key[:, :, : self.n].clone(memory_format=torch.contiguous_format)
+        self.positions = torch.arange(self.n, device=key.device).expand(1, Hkv, self.n).clone()
+        self.rotated = self.positions.clone() if rotary is not None else None  # index each slot's key is rotated at
+        self.flat = torch.arange(Hkv, device=key.device) * self.n  # slot s of head h is row h * n + s
+        self.view = CacheView(self.keys, self.positions, layer)
+        self.key_rows, self.position_rows = self.keys[0].view(-1, self.keys.shape[-1]), self.positions.view(-1)
+        self.filled, self.order, self.free, self.rows = self.n, None, None, None
+
+    def prune(self, t: int) -> torch.Tensor | None:
+        """Before query t: if the cache is full, free I slots per KV head and return them (Hkv, I)."""
+        if self.filled < self.n:
+            return None
+        c = self.c
+        if c.interval == 1 and self.rotary is None and t < self.T - 1:
+            self.free = evict_one(c.strategy.score(self.view), self.positions, t, c.budget)[0].unsqueeze(-1)
+        else:
+            self.order = select(c.strategy.score(self.view), self.positions, t, c.budget, c.sort_by_time)  # (1, Hkv, B)
+            self.free = _dropped(self.order, self.n)
+            if self.rotary is not None:
+                self._move_to_indices()
+        self.rows = (self.flat.unsqueeze(-1) + self.free).t().contiguous()  # (I, Hkv): the rows the next I tokens take
+        self.filled = self.B
+        return self.free
+
+    def admit(self, t: int) -> tuple[torch.Tensor, int]:
+        """Token t takes the next free slot; returns the slots' rows and the shift from its true
+        position to its index (0 under true positions)."""
+        rows = self.rows[self.filled - self.B]
+        new_key, shift = self.key[0, :, t], 0
+        if self.rotary is not None:  # token t takes index `filled`, not its true position
+            shift = self.filled - t
+            new_key = self.rotary.shift(new_key, shift, self.layer)
+            self.rotated.view(-1).index_fill_(0, rows, self.filled)
+        self.key_rows.index_copy_(0, rows, new_key)
+        self.position_rows.index_fill_(0, rows, t)
+        self.filled += 1
+        return rows, shift
+
+    def hidden(self) -> torch.Tensor | None:
+        """(Hkv, k) the slots freed and not yet refilled, which no query may see (None: none)."""
+        return None if self.filled == self.n else self.free[:, self.filled - self.B:]
+
+    def kept(self, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(keys, values, positions, attention received or None) the streaming cache holds now: the
+        slots the last pruning kept in `select`'s order, then the ones filled since."""
+        order = torch.cat([self.order[0], self.free[:, : self.filled - self.B]], dim=-1).unsqueeze(0)  # (1, Hkv, n)
+        positions = self.positions.gather(-1, order)
+        keys = self.keys.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1]))
+        received = None if self.view.attention_sum is None else self.view.attention_sum.gather(-1, order)
+        return keys, value.gather(2, positions.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1])), positions, received
+
+    def _move_to_indices(self) -> None:
+        """Rotate the kept keys (slots `order`) from their current index to their index in `order`.
+        Whole rows of the flattened slots, which index_select copies fast."""
+        rows = (self.flat.unsqueeze(-1) + self.order[0]).view(-1)
+        index = torch.arange(self.B, device=rows.device).repeat(self.flat.shape[0])
+        table = self.keys[0].view(-1, self.keys.shape[-1])
+        moved = self.rotary.shift(table.index_select(0, rows), index - self.rotated.view(-1).index_select(0, rows), self.layer)
+        table.index_copy_(0, rows, moved)
+        self.rotated.view(-1).index_copy_(0, rows, index)
+
+
+def _dropped(order: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """(Hkv, I) the slots `select` did not keep (order: (1, Hkv, B)), ascending."""
+    dropped = torch.ones(order.shape[1], n_slots, dtype=torch.bool, device=order.device)
+    dropped.scatter_(-1, order[0], False)
+    return dropped.nonzero()[:, 1].view(order.shape[1], -1)
+
+
+def _replay(query, key, value, scaling, slots: _Slots) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Queries 0..B+I-1 see every earlier key; from then on each query attends to the filled slots,
+    and the strategy reads its attention for the next pruning. Returns the outputs and the cache
+    kept after token T-2 in the streaming engine's order: (keys, values, positions, attention sum)."""
     _, Hq, T, D = query.shape
-    Hkv, head = key.shape[1], c.fix_kv_size + 1
+    Hkv, head, g = key.shape[1], slots.n, Hq // key.shape[1]
     out = torch.empty_like(query)
     causal = torch.ones(head, head, dtype=torch.bool, device=key.device).tril()
     w = grouped_weights(query[:, :, :head], key[:, :, :head], scaling, causal)  # (1, Hkv, g, head, head)
     out[:, :, :head] = attend(w, value[:, :, :head])
-    keys, values = (x[:, :, :head].clone(memory_format=torch.contiguous_format) for x in (key, value))  # the slots
-    slots = torch.arange(head, device=key.device).expand(1, Hkv, head).clone()  # position held by each slot
-    received = w.sum(dim=(2, 3)) if c.strategy.needs_attention else None
-    view = CacheView(keys, slots, layer, w[..., -1, :].flatten(1, 2), received)
-    flat = torch.arange(Hkv, device=key.device) * head  # slot s of head h is row h * head + s
+    values = value[:, :, :head].clone(memory_format=torch.contiguous_format)
+    value_rows = values[0].view(-1, values.shape[-1])
+    received = w.sum(dim=(2, 3)) if slots.c.strategy.needs_attention_sum else None
+    slots.view.attention, slots.view.attention_sum = w[..., -1, :].flatten(1, 2), received
     scale = D**-0.5 if scaling is None else scaling
-    grouped = (query[0] * scale).reshape(Hkv, Hq // Hkv, T, D).permute(2, 0, 1, 3).contiguous()  # (T, Hkv, g, D)
-    outs = torch.empty(T - head, Hkv, Hq // Hkv, value.shape[-1], dtype=query.dtype, device=query.device)
-    with _one_thread():  # a dozen tiny ops per token: threads only add overhead
-        for t in range(head, T):
-            free = evict_one(c.strategy.score(view), slots, t, c.budget)[0]  # after token t-1
-            if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
-                kept = _in_streaming_order(c, view, values, t)
-            rows = flat + free
-            keys[0].view(-1, D).index_copy_(0, rows, key[0, :, t])
-            values[0].view(-1, values.shape[-1]).index_copy_(0, rows, value[0, :, t])
-            slots.view(-1).index_fill_(0, rows, t)
-            w = torch.bmm(grouped[t], keys[0].transpose(1, 2)).softmax(dim=-1)  # (Hkv, g, head)
-            torch.bmm(w, values[0], out=outs[t - head])
-            view.attention = w.view(1, Hq, head)
-            if received is not None:
-                received.view(-1).index_fill_(0, rows, 0)
-                received += w.sum(dim=1)
+    grouped = (query[0] * scale).reshape(Hkv, g, T, D).permute(2, 0, 1, 3).contiguous()  # (T, Hkv, g, D)
+    outs = torch.empty(T - head, Hkv, g, value.shape[-1], dtype=query.dtype, device=query.device)
+    for t in range(head, T):
+        slots.prune(t)
+        if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
+            kept = slots.kept(value)
+        rows, shift = slots.admit(t)
+        value_rows.index_copy_(0, rows, value[0, :, t])
+        q = grouped[t] if shift == 0 else slots.rotary.shift(grouped[t], shift, slots.layer)
+        logits = torch.bmm(q, slots.keys[0].transpose(1, 2))  # (Hkv, g, head)
+        hidden = slots.hidden()
+        if hidden is not None:
+            logits.scatter_(-1, hidden.unsqueeze(1).expand(-1, g, -1), float("-inf"))
+        w = logits.softmax(dim=-1)
+        torch.bmm(w, values[0], out=outs[t - head])
+        slots.view.attention = w.view(1, Hq, head)
+        if received is not None:
+            received.view(-1).index_fill_(0, rows, 0)
+            received += w.sum(dim=1)
     out[0, :, head:] = outs.flatten(1, 2).transpose(0, 1)
     return out, kept
 
 
-def _in_streaming_order(c: Compression, view: CacheView, values: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
-    """The B slots kept after token length-1, ordered as `select` orders the streaming cache, with
-    the attention they received (what the streaming cache keeps as `knorm_attention_sum`)."""
-    keep = select(c.strategy.score(view), view.positions, length, c.budget, c.sort_by_time)
-    rows = keep.unsqueeze(-1)
-    received = None if view.attention_sum is None else view.attention_sum.gather(-1, keep)
-    return (view.keys.gather(2, rows.expand(-1, -1, -1, view.keys.shape[-1])),
-            values.gather(2, rows.expand(-1, -1, -1, values.shape[-1])), view.positions.gather(-1, keep), received)
+def _expiries(key, value, slots: _Slots) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The eviction loop on keys alone: (1, Hkv, T) the first query that no longer sees each key
+    (T: never evicted), and the cache kept after token T-2 as `_replay` returns it."""
+    _, Hkv, T, _ = key.shape
+    exp = torch.full((Hkv, T), T, dtype=torch.long, device=key.device)
+    base = torch.arange(Hkv, device=key.device).unsqueeze(-1) * T  # row h of exp starts at h * T
+    for t in range(slots.n, T):
+        free = slots.prune(t)
+        if free is not None:  # query t no longer sees the keys in the freed slots
+            exp.view(-1).index_fill_(0, (slots.positions[0].gather(-1, free) + base).view(-1), t)
+        if t == T - 1:
+            kept = slots.kept(value)
+        slots.admit(t)
+    return exp.unsqueeze(0), kept
 
 
 @contextmanager
@@ -117,13 +222,8 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Masks are built inside `replay_attention`; skip transformers' T x T mask."""
-    return None
-
-
 AttentionInterface.register(ATTN, replay_attention)
-AttentionMaskInterface.register(ATTN, _no_mask)
+AttentionMaskInterface.register(ATTN, no_mask)
 
 
 @torch.no_grad()
@@ -131,16 +231,16 @@ def evaluate_replay(model: PreTrainedModel, input_ids: torch.Tensor, compression
     """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,),
     the compressed cache after token T-2, equal to the streaming engine's)."""
     T = input_ids.shape[1]
-    with attention_implementation(model, ATTN, _Plan(compression, cache_windows(model))) as plan:
-        positions = torch.arange(T, device=input_ids.device).unsqueeze(0)
-        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
-    tokens = torch.stack([t for t, _ in plan.held.values()])
-    nbytes = sum(t * b for t, b in plan.held.values())
+    rotary = Rotary(model) if compression is not None and compression.positions == "rerotate" else None
+    plan = _Plan(compression, cache_windows(model), rotary=rotary)
+    logits, tokens, nbytes = one_pass(model, input_ids, ATTN, plan)
     cache = DynamicCache(config=model.config)
     for layer, (keys, values, kept_positions, received) in sorted(plan.kept.items()):
         cache.update(keys, values, layer)
-        if kept_positions is not None:
-            cache.layers[layer].knorm_positions, cache.layers[layer].knorm_length = kept_positions, T - 1
-        if received is not None:
+        if received is not None:  # what the streaming cache keeps for attention-sum strategies
             cache.layers[layer].knorm_attention_sum = received
-    return logits, tokens.mean(0), nbytes, cache
+        if kept_positions is not None:  # as CacheCompressor leaves it: positions kept by the last pruning,
+            fresh = keys.shape[-2] - compression.fix_kv_size  # then the tokens appended since
+            cache.layers[layer].knorm_positions = kept_positions[..., : compression.fix_kv_size]
+            cache.layers[layer].knorm_length = T - 1 - fresh
+    return logits, tokens, nbytes, cache

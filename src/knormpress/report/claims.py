@@ -5,6 +5,7 @@ A claim names the experiment whose runs test it and how (its `kind`); the code b
 kinds, never the experiments or strategies, so a new claim is a few lines of YAML. Each claim is
 decided once per model on that model's runs alone (`effects.by_model`): runs of two models are
 never paired, and a claim whose experiment was not run for a model is "not measurable" for it.
+`per` splits a claim into one verdict per value of a setting (e.g. per position policy).
 """
 
 from __future__ import annotations
@@ -120,17 +121,47 @@ KINDS: dict[str, Callable[[dict, pd.DataFrame, pd.DataFrame], dict]] = {
 }
 
 
+SELECTORS = ("a", "runs", "run")  # a claim's run selectors; `b` maps labels to selectors
+
+
+def expanded(seed: dict) -> list[dict]:
+    """The claims with each `per: {COLUMN: [values]}` claim split into one claim per value: the
+    value joins every run selector and the claim's text (and its improvement's name)."""
+    out = []
+    for claim in seed["claims"]:
+        if "per" not in claim:
+            out.append(claim)
+            continue
+        (col, values), = claim["per"].items()
+        for value in values:
+            where = {col: value}
+            one = {k: v for k, v in claim.items() if k != "per"} | {"claim": f"{claim['claim']} ({col}={value})"}
+            one |= {k: claim[k] | where for k in SELECTORS if k in claim}
+            if "b" in claim:
+                one["b"] = {label: sel | where for label, sel in claim["b"].items()}
+            if "improvement" in claim:
+                one["improvement"] = f"{claim['improvement']} ({col}={value})"
+            out.append(one)
+    return out
+
+
 def _models(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return by_model(runs) or {UNKNOWN_MODEL: runs}  # no runs at all: every claim once, not measurable
 
 
 def claims(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> pd.DataFrame:
-    """One row per model and seed claim (models in `by_model` order): what it says, what was
-    claimed, what we measured on that model's runs, the verdict."""
+    """One row per model and seed claim (per value of its `per` column; models in `by_model`
+    order): what it says, what was claimed, what we measured on that model's runs, the verdict."""
     seed = seed or load_seed()
     rows = [{"model": model, "claim": c["claim"]} | KINDS[c["kind"]](c, own, texts)
-            for model, own in _models(runs).items() for c in seed["claims"]]
+            for model, own in _models(runs).items() for c in expanded(seed)]
     return pd.DataFrame(rows, columns=["model", "claim", "claimed", "measured", "verdict"])
+
+
+def notes(seed: dict | None = None) -> list[str]:
+    """The claims' `note`s, each once: what a reader needs to read their verdicts."""
+    seed = seed or load_seed()
+    return list(dict.fromkeys(c["note"].strip() for c in seed["claims"] if "note" in c))
 
 
 def improvements(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> list[dict]:
@@ -139,7 +170,7 @@ def improvements(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = No
     seed = seed or load_seed()
     out = []
     for model, own in _models(runs).items():
-        for claim in seed["claims"]:
+        for claim in expanded(seed):
             if claim["kind"] != "paired" or "improvement" not in claim:
                 continue
             effects = comparisons(claim, own, texts)

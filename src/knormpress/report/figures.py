@@ -33,6 +33,17 @@ def _has_metrics(rows: pd.DataFrame) -> bool:
     return not rows.empty and not rows[list(METRICS)].isna().all().all()
 
 
+def _experiment_rows(runs: pd.DataFrame, name: str, table: Callable[[pd.DataFrame], pd.DataFrame],
+                     height: float) -> tuple[Figure, list, dict[str, pd.DataFrame]]:
+    """Each model's `table` of experiment `name`, and a figure with a row of two panels for each model
+    whose table has metrics (no rows: nothing to draw)."""
+    models = per_model(runs, runs[runs.experiment == name])
+    tables = {m: table(own) for m, own in models.items()}
+    drawn = {m: own for m, own in models.items() if _has_metrics(tables[m])}
+    fig, panels = model_rows(drawn, 11, height)
+    return fig, panels if drawn else [], tables
+
+
 def _at_ratio(exp: pd.DataFrame, ratio: float, color: Palette) -> pd.DataFrame:
     """One model's baseline and newest run of every strategy at `ratio`."""
     base = pick(exp, role="baseline")
@@ -46,11 +57,8 @@ def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, s
     seed = seed or load_seed()
     config, color = seed["figures"]["strategy_comparison"], palette(runs, seed)
     name, ratio = config["experiment"], config["keep_ratio"]
-    models = per_model(runs, runs[runs.experiment == name])
-    tables = {m: _at_ratio(own, ratio, color) for m, own in models.items()}
-    drawn = {m: own for m, own in models.items() if _has_metrics(tables[m])}
-    fig, panels = model_rows(drawn, 11, 4.6)
-    if not drawn:
+    fig, panels, tables = _experiment_rows(runs, name, lambda own: _at_ratio(own, ratio, color), 4.6)
+    if not panels:
         return no_data(fig, f"no runs with {'/'.join(METRICS)} in experiment '{name}'")
     for model, exp, _, axes in panels:
         rows, base = tables[model], pick(exp, role="baseline")
@@ -80,11 +88,8 @@ def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None, s
     """PPL and accuracy against keep_ratio for every strategy of one experiment, baseline as a band."""
     seed = seed or load_seed()
     name, color = seed["figures"]["keep_ratio_analysis"]["experiment"], palette(runs, seed)
-    models = per_model(runs, runs[runs.experiment == name])
-    grids = {m: select(own).dropna(subset=["keep_ratio"]) for m, own in models.items()}
-    drawn = {m: own for m, own in models.items() if _has_metrics(grids[m])}
-    fig, panels = model_rows(drawn, 11, 5.2)
-    if not drawn:
+    fig, panels, grids = _experiment_rows(runs, name, lambda own: select(own).dropna(subset=["keep_ratio"]), 5.2)
+    if not panels:
         return no_data(fig, f"no compressed runs with {'/'.join(METRICS)} in experiment '{name}'")
     for model, exp, holder, axes in panels:
         grid, base = grids[model], pick(exp, role="baseline")

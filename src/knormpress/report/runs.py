@@ -21,7 +21,7 @@ import pandas as pd
 from knormpress.errors import ConfigError
 
 HEAD = ["run_id", "experiment", "role", "task", "strategy", "keep_ratio", "fix_kv_size", "sort_by_time",
-        "n_sink", "skip_layers", "ratio", "when"]
+        "n_sink", "skip_layers", "positions", "interval", "ratio", "when"]
 TAIL = ["model", "model_source", "dataset", "engine", "max_tokens", "n_samples", "eval_seed", "config_hash",
         "baseline_key", "sweep", "git_commit", "git_dirty", "start_time"]
 IDENTITY = HEAD + TAIL
@@ -29,6 +29,7 @@ PARAMS = {  # identity column -> MLflow param(s), the first one logged wins (old
     "task": ["task.name"], "strategy": ["compress.strategy.name", "compress.strategy"],
     "keep_ratio": ["compress.keep_ratio"], "fix_kv_size": ["compress.fix_kv_size"],
     "sort_by_time": ["compress.sort_by_time"], "n_sink": ["compress.n_sink"], "skip_layers": ["compress.skip_layers"],
+    "positions": ["compress.positions"], "interval": ["compress.interval"],
     "ratio": ["compress.ratio"], "when": ["compress.when"],
     "model": ["model.name"], "model_source": ["model.source.kind", "model.source"], "dataset": ["dataset.source"],
     "max_tokens": ["eval.max_tokens"], "n_samples": ["eval.n_samples"], "eval_seed": ["eval.seed"],
@@ -43,8 +44,9 @@ LM_METRICS = [
 RUNNER_METRICS = ["kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "memory_saving_pct",
                   "tokens_per_s", "wall_s"]  # logged for every task
 KNOWN_METRICS = LM_METRICS + RUNNER_METRICS
-INTS = ["fix_kv_size", "n_sink", "n_texts", "n_tokens", "max_tokens", "n_samples", "eval_seed", "start_time"]
+INTS = ["fix_kv_size", "n_sink", "interval", "n_texts", "n_tokens", "max_tokens", "n_samples", "eval_seed", "start_time"]
 BOOLS = ["sort_by_time", "git_dirty"]
+BEFORE = {"positions": "true", "interval": 1}  # what compressed runs logged before these settings existed did
 PER_TEXT = "per_text.csv"  # the run artifact: one row per sample
 TEXT_COLUMNS = ["run_id", "text_id", "title", "n_tokens", "nll_sum", "n_correct"]  # lm columns, in this order
 
@@ -66,8 +68,12 @@ def tidy(rows: pd.DataFrame) -> pd.DataFrame:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     for col in BOOLS:
         df[col] = df[col].astype(str).str.lower().map({"true": True, "false": False}).astype("boolean")
+    df["positions"] = df.positions.map(lambda v: v if pd.isna(v) else str(v).lower()).astype(object)  # CSV: True
+    for col, value in BEFORE.items():
+        df.loc[df.role.ne("baseline") & df[col].isna(), col] = value
     keys = df.assign(_compressed=df.role.ne("baseline"), _unsorted=~df.sort_by_time.fillna(True))
-    keys = keys.sort_values(["experiment", "_compressed", "strategy", "keep_ratio", "_unsorted"], kind="stable")
+    keys = keys.sort_values(["experiment", "_compressed", "strategy", "keep_ratio", "positions", "_unsorted", "interval"],
+                            kind="stable")
     return keys.drop(columns=["_compressed", "_unsorted"]).reset_index(drop=True)
 
 
