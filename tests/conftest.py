@@ -88,3 +88,19 @@ def visible(expiry_at: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     keys = torch.arange(expiry_at.shape[-1], device=expiry_at.device)
     q = queries.view(-1, 1)
     return (keys <= q) & (q < expiry_at.unsqueeze(-2))
+
+
+LOGIT_DIFFS: list[float] = []  # max |logit difference| of each engine comparison that passed its checks
+
+
+def record_logit_diff(diff: torch.Tensor) -> None:
+    """Remember one comparison's worst logit difference for the run's closing line."""
+    LOGIT_DIFFS.append(float(diff))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many engine comparisons ran and the worst logit difference among them (the equivalence
+    grid's headline numbers: `pytest -m slow tests/test_engines_replay.py`)."""
+    if LOGIT_DIFFS:
+        terminalreporter.write_line(f"engine equivalence: {len(LOGIT_DIFFS)} comparisons passed, worst |logit difference| "
+                                    f"{max(LOGIT_DIFFS):.3g}")

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from knormpress import STRATEGIES, Compression, ConfigError, fix_size_l2_compress, run_engine
 from knormpress.engines import pick_engine
 
-from conftest import VOCAB, seeded, tiny_model
+from conftest import VOCAB, record_logit_diff, seeded, tiny_model
 
 REPLAYABLE = sorted(n for n, cls in STRATEGIES.items() if cls.replayable)
 GRID = [(s, kr, skip, sink) for s, kr, skip, sink in itertools.product(REPLAYABLE, [0.0, 0.5, 1.0], [(), (0, 1)], [0, 4])
@@ -37,7 +37,8 @@ def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=32, engine
     c = Compression(seeded(strategy, 5), fix_kv_size, keep_ratio, list(skip), n_sink=n_sink, **settings)
     a = run_engine(model, ids, c, "streaming")
     b = run_engine(model, ids, c, engine)
-    assert (a.logits - b.logits).abs().max() <= 1e-4
+    diff = (a.logits - b.logits).abs().max()
+    assert diff <= 1e-4
     assert torch.equal(a.kv_tokens, b.kv_tokens) and torch.equal(a.kv_bytes, b.kv_bytes)
     for la, lb in zip(a.cache.layers, b.cache.layers, strict=True) if b.cache is not None else ():  # masked: no cache
         pa, pb = (getattr(x, "knorm_positions", None) for x in (la, lb))
@@ -45,6 +46,7 @@ def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=32, engine
         assert torch.allclose(la.keys, lb.keys, atol=1e-10) and torch.allclose(la.values, lb.values, atol=1e-10)
         sa, sb = (getattr(x, "knorm_attention_sum", None) for x in (la, lb))  # what h2o goes on scoring from
         assert (sa is None) == (sb is None) and (sa is None or torch.allclose(sa, sb, atol=1e-10))
+    record_logit_diff(diff)
     return a, b
 
 

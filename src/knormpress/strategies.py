@@ -37,6 +37,12 @@ class CacheView:
     layer: int
     attention: torch.Tensor | None = None
     attention_sum: torch.Tensor | None = None
+    key_norms: torch.Tensor | None = None  # (batch, kv_heads, n) float32 norms of `keys`, when an engine keeps them
+
+    def norms(self) -> torch.Tensor:
+        """(batch, kv_heads, n) float32 L2 norms of the keys: the engine's copy when it keeps one (the
+        replay's keys-only loop, whose cached keys never change), else computed now."""
+        return self.key_norms if self.key_norms is not None else torch.linalg.vector_norm(self.keys.float(), dim=-1)
 
 
 @dataclass
@@ -105,7 +111,7 @@ class KeyDiff(Strategy):
         keys = view.keys.float()
         # the cosine up to a positive factor per head (1 / (n |mean|)), which leaves the ranking alone
         # and halves the cost of the replay's per-token step
-        return -torch.linalg.vecdot(keys, keys.sum(dim=-2, keepdim=True)) / torch.linalg.vector_norm(keys, dim=-1)
+        return -torch.linalg.vecdot(keys, keys.sum(dim=-2, keepdim=True)) / view.norms()
 
 
 def get_strategy(spec: str | dict | Strategy) -> Strategy:

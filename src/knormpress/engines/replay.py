@@ -95,23 +95,25 @@ class _Slots:
         self.flat = torch.arange(Hkv, device=key.device) * self.n  # slot s of head h is row h * n + s
         self.view = CacheView(self.keys, self.positions, layer)
         self.key_rows, self.position_rows = self.keys[0].view(-1, self.keys.shape[-1]), self.positions.view(-1)
-        self.filled, self.order, self.free, self.rows = self.n, None, None, None
+        self.filled, self.order, self.rows = self.n, None, None
+        self.free = None  # (Hkv, I) the slots select's last pruning freed: what hidden and kept read
 
     def prune(self, t: int) -> torch.Tensor | None:
-        """Before query t: if the cache is full, free I slots per KV head and return them (Hkv, I)."""
+        """Before query t: if the cache is full, free I slots per KV head and return their rows
+        (I, Hkv) in the flattened slots, the ones the next I tokens take."""
         if self.filled < self.n:
             return None
         c = self.c
         if c.interval == 1 and self.rotary is None and t < self.T - 1:
-            self.free = evict_one(c.strategy.score(self.view), self.positions, t, c.budget)[0].unsqueeze(-1)
+            self.rows = (self.flat + evict_one(c.strategy.score(self.view), self.positions, t, c.budget)[0]).unsqueeze(0)
         else:
             self.order = select(c.strategy.score(self.view), self.positions, t, c.budget, c.sort_by_time)  # (1, Hkv, B)
             self.free = _dropped(self.order, self.n)
             if self.rotary is not None:
                 self._move_to_indices()
-        self.rows = (self.flat.unsqueeze(-1) + self.free).t().contiguous()  # (I, Hkv): the rows the next I tokens take
+            self.rows = (self.flat.unsqueeze(-1) + self.free).t().contiguous()
         self.filled = self.B
-        return self.free
+        return self.rows
 
     def admit(self, t: int) -> tuple[torch.Tensor, int]:
         """Token t takes the next free slot; returns the slots' rows and the shift from its true
@@ -198,18 +200,23 @@ def _replay(query, key, value, scaling, slots: _Slots) -> tuple[torch.Tensor, tu
 
 def _expiries(key, value, slots: _Slots) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The eviction loop on keys alone: (1, Hkv, T) the first query that no longer sees each key
-    (T: never evicted), and the cache kept after token T-2 as `_replay` returns it."""
+    (T: never evicted), and the cache kept after token T-2 as `_replay` returns it. The cached keys
+    never change here, so each slot also keeps its key's norm for the scores (`CacheView.norms`)."""
     _, Hkv, T, _ = key.shape
-    exp = torch.full((Hkv, T), T, dtype=torch.long, device=key.device)
-    base = torch.arange(Hkv, device=key.device).unsqueeze(-1) * T  # row h of exp starts at h * T
+    exp = torch.full((Hkv * T,), T, dtype=torch.long, device=key.device)
+    base = torch.arange(Hkv, device=key.device) * T  # row h of exp starts at h * T
+    norms = torch.linalg.vector_norm(key[0].float(), dim=-1)  # (Hkv, T)
+    slots.view.key_norms = norms[:, : slots.n].clone().unsqueeze(0)
+    norm_rows = slots.view.key_norms.view(-1)
     for t in range(slots.n, T):
-        free = slots.prune(t)
-        if free is not None:  # query t no longer sees the keys in the freed slots
-            exp.view(-1).index_fill_(0, (slots.positions[0].gather(-1, free) + base).view(-1), t)
+        rows = slots.prune(t)
+        if rows is not None:  # query t no longer sees the keys in the freed slots
+            exp.index_fill_(0, (slots.position_rows[rows] + base).view(-1), t)
         if t == T - 1:
             kept = slots.kept(value)
-        slots.admit(t)
-    return exp.unsqueeze(0), kept
+        rows, _ = slots.admit(t)
+        norm_rows.index_copy_(0, rows, norms[:, t])
+    return exp.view(1, Hkv, T), kept
 
 
 @contextmanager
