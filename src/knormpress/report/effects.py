@@ -116,15 +116,21 @@ def trial_effect(texts: pd.DataFrame, a: pd.Series | None, b: pd.Series | None) 
     return Effect(est, lo, hi, bool(np.array_equal(ca, cb)))
 
 
-def no_loss(e: Effect | None, tolerance: float) -> str:
-    """A claim of no loss: holds when the whole interval lies above -tolerance (%), does not hold
-    when it lies below, else inconclusive (identical runs hold: nothing was lost)."""
+def _settled(e: Effect | None, identical: str) -> str | None:
+    """The verdict before the interval is read: unmeasurable without an estimate, `identical` for
+    identical runs, inconclusive without an interval; None when the interval decides."""
     if e is None or math.isnan(e.est):
         return UNMEASURABLE
     if e.identical:
-        return HOLDS
-    if math.isnan(e.lo):
-        return INCONCLUSIVE
+        return identical
+    return INCONCLUSIVE if math.isnan(e.lo) else None
+
+
+def no_loss(e: Effect | None, tolerance: float) -> str:
+    """A claim of no loss: holds when the whole interval lies above -tolerance (%), does not hold
+    when it lies below, else inconclusive (identical runs hold: nothing was lost)."""
+    if (settled := _settled(e, HOLDS)) is not None:
+        return settled
     return HOLDS if e.lo > -tolerance else FAILS if e.hi < -tolerance else INCONCLUSIVE
 
 
@@ -132,12 +138,8 @@ def verdict(e: Effect | None, claimed: tuple[float, float]) -> str:
     """holds: the interval excludes 0 in the claimed direction and reaches the claimed range.
     does not hold: identical runs, or the interval does not reach into the claimed range (it
     lies at or on the wrong side of 0, or is clearly smaller than claimed). Else inconclusive."""
-    if e is None or math.isnan(e.est):
-        return UNMEASURABLE
-    if e.identical:
-        return FAILS
-    if math.isnan(e.lo):
-        return INCONCLUSIVE
+    if (settled := _settled(e, FAILS)) is not None:
+        return settled
     sign = -1.0 if claimed[1] <= 0 else 1.0  # make the claimed direction positive
     near = sign * (claimed[1] if sign < 0 else claimed[0])
     lo, hi = sorted((sign * e.lo, sign * e.hi))
