@@ -28,8 +28,9 @@ def engine_lines(rows: list[dict]) -> list[str]:
                 f"({r['kept_set_swapped_frac']:.1e} of kept tokens)")
         out.append(
             f"- engines in {r['dtype']}, {r['onepass_engine']} vs token by token (`scripts/bench_engines.py`, git "
-            f"{r['git']}; {r['model']}, {r['texts']} texts x {max(r['tokens'])} tokens; {r['strategy']}, fix_kv_size "
+            f"{r['git']}; {r['model']}, {r['texts']} text{'s' if r['texts'] != 1 else ''} x {max(r['tokens'])} tokens; "
+            f"{r['strategy']}, fix_kv_size "
             f"{c['fix_kv_size']}, keep_ratio {c['keep_ratio']:g}, skip_layers {c['skip_layers']}): PPL "
             f"{r['rel_ppl_diff']:+.1e} relative, accuracy {100 * r['accuracy_diff']:+.3f} pp "
-            f"({r['correct_flips']} tokens change), max per-token NLL difference {r['max_abs_nll_diff']:.2g}{kept}")
+            f"({r['correct_flips']} tokens change), max per-token NLL difference {r['max_abs_nll_diff']:.3g}{kept}")
     return out
