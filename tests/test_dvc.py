@@ -123,22 +123,26 @@ def test_metrics_show_and_diff_read_the_headline_numbers(repo):
     keep_low = runs[runs.strategy == "keep_low"].iloc[0]
     shown = json.loads(sh(repo, DVC, "metrics", "show", "--json"))
     (data,) = [v["data"]["results/metrics.json"]["data"] for v in shown.values()]
-    model = data[keep_low.model]
+    tasks = {t for name in ("strategies", "passkey", "needle") if (repo / "results" / f"{name}.csv").exists()
+             for t in pd.read_csv(repo / "results" / f"{name}.csv").task.dropna()}
+    assert set(data[keep_low.model]) == tasks and "lm" in tasks  # one level per task, even for one task
+    model = data[keep_low.model]["lm"]
     own = runs[(runs.model == keep_low.model) & (runs.role == "compressed")]
     assert set(model) == {"baseline", *own.strategy} and {"keep_low", "h2o", "tova", "keydiff"} <= set(model)
     assert set(model["baseline"]) == {"ppl", "accuracy"}
     assert model["keep_low"] == pytest.approx({k: keep_low[k] for k in ("ppl", "accuracy", "delta_ppl_pct", "delta_accuracy_pct")},
                                               abs=1e-4)
-    assert f"{keep_low.model}.keep_low.ppl" in sh(repo, DVC, "metrics", "show")
+    name = f"{keep_low.model}.lm.keep_low.ppl"
+    assert name in sh(repo, DVC, "metrics", "show")
 
     metrics = repo / "results" / "metrics.json"
     text = metrics.read_text()
     try:
         changed = json.loads(text)
-        changed[keep_low.model]["keep_low"]["ppl"] += 1
+        changed[keep_low.model]["lm"]["keep_low"]["ppl"] += 1
         metrics.write_text(json.dumps(changed))
         diff = json.loads(sh(repo, DVC, "metrics", "diff", "--json"))["results/metrics.json"]
-        assert list(diff) == [f"{keep_low.model}.keep_low.ppl"] and diff[f"{keep_low.model}.keep_low.ppl"]["diff"] == pytest.approx(1)
+        assert list(diff) == [name] and diff[name]["diff"] == pytest.approx(1)
     finally:
         metrics.write_text(text)
 

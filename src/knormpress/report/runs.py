@@ -46,7 +46,7 @@ RUNNER_METRICS = ["kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes
 KNOWN_METRICS = LM_METRICS + RUNNER_METRICS
 INTS = ["fix_kv_size", "n_sink", "interval", "n_texts", "n_tokens", "max_tokens", "n_samples", "eval_seed", "start_time"]
 BOOLS = ["sort_by_time", "git_dirty"]
-BEFORE = {"positions": "true", "interval": 1}  # what compressed runs logged before these settings existed did
+BEFORE = {"positions": "true", "interval": 1, "when": "streaming"}  # what compressed runs logged before these settings existed did
 PER_TEXT = "per_text.csv"  # the run artifact: one row per sample
 TEXT_COLUMNS = ["run_id", "text_id", "title", "n_tokens", "nll_sum", "n_correct"]  # lm columns, in this order
 
@@ -69,6 +69,7 @@ def tidy(rows: pd.DataFrame) -> pd.DataFrame:
     for col in BOOLS:
         df[col] = df[col].astype(str).str.lower().map({"true": True, "false": False}).astype("boolean")
     df["positions"] = df.positions.map(lambda v: v if pd.isna(v) else str(v).lower()).astype(object)  # CSV: True
+    df["when"] = df["when"].astype(object)  # all blank in older exports: float otherwise
     for col, value in BEFORE.items():
         df.loc[df.role.ne("baseline") & df[col].isna(), col] = value
     keys = df.assign(_compressed=df.role.ne("baseline"), _unsorted=~df.sort_by_time.fillna(True))
