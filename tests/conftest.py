@@ -10,6 +10,9 @@ from mlflow import MlflowClient
 
 from knormpress.sources.tiny import VOCAB, build_random
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on 2 cores: one thread per worker, not two fighting for each
+    torch.set_num_threads(1)
+
 
 def tiny_model(arch: str, layers: int = 4, seed: int = 0):
     """llama: grouped-query attention (4 query heads share 2 KV heads); gpt_neox: Pythia shape, partial rotary;
@@ -96,6 +99,17 @@ LOGIT_DIFFS: list[float] = []  # max |logit difference| of each engine compariso
 def record_logit_diff(diff: torch.Tensor) -> None:
     """Remember one comparison's worst logit difference for the run's closing line."""
     LOGIT_DIFFS.append(float(diff))
+
+
+def pytest_sessionfinish(session) -> None:
+    """Under pytest-xdist, a worker hands its comparisons to the controller, which prints the line."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["logit_diffs"] = LOGIT_DIFFS
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    LOGIT_DIFFS.extend(getattr(node, "workeroutput", {}).get("logit_diffs", []))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
