@@ -54,8 +54,11 @@ class Rotary:
 
     def shift(self, x: torch.Tensor, delta: torch.Tensor | int, layer: int) -> torch.Tensor:
         """x (..., n, D) rotated by `delta` positions, an int or a tensor broadcastable to x[..., 0]."""
-        delta = torch.as_tensor(delta, device=x.device)
-        span, cos, sin = self._table(layer, int(delta.abs().max()), x)
+        if isinstance(delta, int):  # one row of the table for every vector (the replay's per-token case)
+            span, cos, sin = self._table(layer, abs(delta), x)
+        else:
+            delta = torch.as_tensor(delta, device=x.device)
+            span, cos, sin = self._table(layer, int(delta.abs().max()) if delta.numel() else 0, x)
         cos, sin = cos[delta + span], sin[delta + span]
         rot = cos.shape[-1]
         turned = x[..., :rot] * cos + _rotate_half(x[..., :rot]) * sin

@@ -83,7 +83,8 @@ class _Slots:
     position it holds, and the slots the last pruning freed. Once all are filled (the streaming cache
     holds B + I) the strategy frees I of them, the ones `select` drops (for I = 1 `evict_one`: the
     same token, without select's sorts); under rerotate the kept keys move to their indices in
-    `select`'s order, and each new token takes the next index."""
+    `select`'s order, and each new token takes the next index. Under rerotate with interval 1 in
+    time order, the keys after the evicted one move back one index, and only those are rotated."""
 
     def __init__(self, key: torch.Tensor, c: Compression, layer: int, rotary: Rotary | None = None) -> None:
         _, Hkv, self.T, _ = key.shape
@@ -91,7 +92,8 @@ class _Slots:
         self.B, self.n = c.fix_kv_size, c.fix_kv_size + c.interval
         self.keys = key[:, :, : self.n].clone(memory_format=torch.contiguous_format)
         self.positions = torch.arange(self.n, device=key.device).expand(1, Hkv, self.n).clone()
-        self.rotated = self.positions.clone() if rotary is not None else None  # index each slot's key is rotated at
+        self.shifting = rotary is not None and c.interval == 1 and c.sort_by_time  # the one-back shift above
+        self.rotated = self.positions[0].clone() if rotary is not None and not self.shifting else None  # (Hkv, n) index each slot's key is rotated at
         self.flat = torch.arange(Hkv, device=key.device) * self.n  # slot s of head h is row h * n + s
         self.view = CacheView(self.keys, self.positions, layer)
         self.key_rows, self.position_rows = self.keys[0].view(-1, self.keys.shape[-1]), self.positions.view(-1)
@@ -104,7 +106,9 @@ class _Slots:
         if self.filled < self.n:
             return None
         c = self.c
-        if c.interval == 1 and self.rotary is None and t < self.T - 1:
+        if self.shifting:
+            self._evict_and_shift(evict_one(c.strategy.score(self.view), self.positions, t, c.budget)[0])
+        elif c.interval == 1 and self.rotary is None and t < self.T - 1:
             self.rows = (self.flat + evict_one(c.strategy.score(self.view), self.positions, t, c.budget)[0]).unsqueeze(0)
         else:
             self.order = select(c.strategy.score(self.view), self.positions, t, c.budget, c.sort_by_time)  # (1, Hkv, B)
@@ -115,19 +119,21 @@ class _Slots:
         self.filled = self.B
         return self.rows
 
-    def admit(self, t: int) -> tuple[torch.Tensor, int]:
-        """Token t takes the next free slot; returns the slots' rows and the shift from its true
-        position to its index (0 under true positions)."""
+    def admit(self, t: int, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token t takes the next free slot; returns the slots' rows and its query (Hkv, g, D), which
+        under rerotate moves with its key from its true position to its index."""
         rows = self.rows[self.filled - self.B]
-        new_key, shift = self.key[0, :, t], 0
-        if self.rotary is not None:  # token t takes index `filled`, not its true position
-            shift = self.filled - t
-            new_key = self.rotary.shift(new_key, shift, self.layer)
-            self.rotated.view(-1).index_fill_(0, rows, self.filled)
+        new_key = self.key[0, :, t]
+        if self.rotary is not None:  # token t takes index `filled`, not its true position: one rotation for both
+            both = new_key.unsqueeze(1) if query is None else torch.cat([query, new_key.unsqueeze(1)], dim=1)
+            both = self.rotary.shift(both, self.filled - t, self.layer)
+            query, new_key = both[:, :-1], both[:, -1]
+            if self.rotated is not None:
+                self.rotated.view(-1).index_fill_(0, rows, self.filled)
         self.key_rows.index_copy_(0, rows, new_key)
         self.position_rows.index_fill_(0, rows, t)
         self.filled += 1
-        return rows, shift
+        return rows, query
 
     def hidden(self) -> torch.Tensor | None:
         """(Hkv, k) the slots freed and not yet refilled, which no query may see (None: none)."""
@@ -143,14 +149,31 @@ class _Slots:
         return keys, value.gather(2, positions.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1])), positions, received
 
     def _move_to_indices(self) -> None:
-        """Rotate the kept keys (slots `order`) from their current index to their index in `order`.
-        Whole rows of the flattened slots, which index_select copies fast."""
+        """Rotate the kept keys (slots `order`) from their current index to their index in `order`;
+        a key that stays put is left alone (a rotation by 0 would return it unchanged). Whole rows
+        of the flattened slots, which index_select copies fast."""
         rows = (self.flat.unsqueeze(-1) + self.order[0]).view(-1)
         index = torch.arange(self.B, device=rows.device).repeat(self.flat.shape[0])
-        table = self.keys[0].view(-1, self.keys.shape[-1])
-        moved = self.rotary.shift(table.index_select(0, rows), index - self.rotated.view(-1).index_select(0, rows), self.layer)
-        table.index_copy_(0, rows, moved)
+        delta = index - self.rotated.view(-1).index_select(0, rows)
+        moving = delta.nonzero().squeeze(-1)
+        rows, index, delta = rows[moving], index[moving], delta[moving]
+        self.key_rows.index_copy_(0, rows, self.rotary.shift(self.key_rows.index_select(0, rows), delta, self.layer))
         self.rotated.view(-1).index_copy_(0, rows, index)
+
+    def _evict_and_shift(self, evicted: torch.Tensor) -> None:
+        """Rerotate, interval 1, time order: drop slot `evicted` (Hkv,) from the cache's index order
+        (the kept slots, then the slot filled since); the keys after it move back one index, as
+        select's time order puts them in the streaming cache."""
+        Hkv, n = self.flat.shape[0], self.n
+        lineup = (torch.arange(n, device=evicted.device).expand(Hkv, n) if self.order is None
+                  else torch.cat([self.order[0], self.free], dim=-1))  # (Hkv, n) slots by index
+        index = torch.arange(n, device=evicted.device)
+        at = (lineup == evicted.unsqueeze(-1)).int().argmax(dim=-1, keepdim=True)  # (Hkv, 1) the evicted slot's index
+        rows = (self.flat.unsqueeze(-1) + lineup)[index > at]
+        self.key_rows.index_copy_(0, rows, self.rotary.shift(self.key_rows.index_select(0, rows), -1, self.layer))
+        self.order = lineup[index != at].view(1, Hkv, self.B)
+        self.free = evicted.unsqueeze(-1)
+        self.rows = (self.flat + evicted).unsqueeze(0)
 
 
 def _dropped(order: torch.Tensor, n_slots: int) -> torch.Tensor:
@@ -181,9 +204,8 @@ def _replay(query, key, value, scaling, slots: _Slots) -> tuple[torch.Tensor, tu
         slots.prune(t)
         if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
             kept = slots.kept(value)
-        rows, shift = slots.admit(t)
+        rows, q = slots.admit(t, grouped[t])
         value_rows.index_copy_(0, rows, value[0, :, t])
-        q = grouped[t] if shift == 0 else slots.rotary.shift(grouped[t], shift, slots.layer)
         logits = torch.bmm(q, slots.keys[0].transpose(1, 2))  # (Hkv, g, head)
         hidden = slots.hidden()
         if hidden is not None:
