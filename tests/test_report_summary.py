@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from report_data import GEMMA, SMOL, V1, interval_sweep, results_dir, tables, two_models
 
 from knormpress.report.claims import load_seed
-from knormpress.report.runs import read_results
-from knormpress.report.summary import seed_tables, summary_markdown, sweep_table
+from knormpress.report.runs import read_results, tidy
+from knormpress.report.summary import describe, seed_tables, summary_markdown, sweep_table
 
 ROOT = Path(__file__).parents[1]
 GENERIC = "\n## Runs per experiment\n"
@@ -195,3 +196,9 @@ def test_the_setup_quotes_the_engines_float32_agreement(tmp_path):
         "SmolLM2-135M-Instruct, 3 texts x 3000 tokens; keep_low, fix_kv_size 512, keep_ratio 0.5, skip_layers "
         "[0, 1]): PPL +5.7e-08 relative, accuracy +0.000 pp (0 tokens change), max per-token NLL difference "
         "0.00381, kept sets differ at 597 of 7,458 queries (2.7e-06 of kept tokens)")]
+
+
+def test_retrieval_runs_are_described_by_their_prompts():
+    runs = tidy(pd.DataFrame([{"run_id": "p", "experiment": "passkey", "role": "baseline", "strategy": "none",
+                               "task": "passkey", "model": "tiny", "dataset": "gutenberg", "n_trials": 20, "accuracy": 1.0}]))
+    assert describe(runs) == "tiny on gutenberg, 20 prompts per run"

@@ -52,6 +52,8 @@ def describe(runs: pd.DataFrame) -> str:
     def values(col: str) -> str:
         return "/".join(sorted({str(v) for v in runs[col].dropna()})) or "?"
 
+    if pd.isna(ref.n_texts) and not pd.isna(ref.get("n_trials", float("nan"))):  # retrieval: prompts, not texts
+        return f"{values('model')} on {values('dataset')}, {int(ref.n_trials)} prompts per run"
     n_texts = "?" if pd.isna(ref.n_texts) else f"{int(ref.n_texts)}"
     n_tokens = "?" if pd.isna(ref.n_tokens) else f"{int(ref.n_tokens):,}"
     return f"{values('model')} on {values('dataset')}, {n_texts} texts, {n_tokens} predicted tokens per run"
