@@ -50,7 +50,7 @@ class _OneText:
 
     @pytest.fixture(scope="class")
     def both_engines(self, smollm2):
-        """~6 min of CPU time on 1 thread, nearly all of it the streaming pass."""
+        """~5 min on 1 thread, nearly all of it the streaming pass."""
         from knormpress.sources import load_samples
 
         samples = load_samples({"source": "gutenberg"}, smollm2.tokenizer, smollm2.name, n_samples=N_TEXTS,
