@@ -1,9 +1,12 @@
-"""dvc.yaml's dependency lists: a job's numbers never go stale silently, and a change to the
-report's presentation reruns only the stages that draw or summarise."""
+"""dvc.yaml's dependency lists: a job's numbers never go stale silently (in DVC, nor in the
+runner's numbers fingerprint, which reads the same list), and a change to the report's
+presentation reruns only the stages that draw or summarise."""
 
 from pathlib import Path
 
 import yaml
+
+from knormpress.fingerprint import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "knormpress"
@@ -29,6 +32,11 @@ def test_every_module_that_runs_a_job_is_a_dependency_of_every_experiment_stage(
         missing = [p.relative_to(ROOT).as_posix() for p in runs if not covered(p, stage["deps"])]
         assert not missing, f"stage {name} does not depend on {missing}"
         assert not any(covered(PACKAGE / "report" / f, stage["deps"]) for f in ("figures.py", "summary.py"))
+
+
+def test_every_experiment_stage_shares_the_one_list_the_fingerprint_reads():
+    experiments = [s for s in stages().values() if "run.py" in s["cmd"]]
+    assert all(s["deps"] == sources() for s in experiments)
 
 
 def test_the_plots_stage_depends_on_the_whole_report():

@@ -1,6 +1,7 @@
 """The runner end to end on a tiny random model: resume, failures, the shared baseline, the CLI, launchers."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
+from knormpress import fingerprint
 from knormpress.config import CONF_DIR
+from knormpress.fingerprint import Fingerprint
 from knormpress.report.runs import load_runs
 from knormpress.cli import cli
 from knormpress.runner import Job, _library_bars, run_job
@@ -121,6 +124,47 @@ def test_run_left_running_by_a_dead_process_is_marked_failed(args, tmp_path):
     tracker.client.set_tag(stale, "knormpress.pid", str(dead.pid))
     assert job(args, tmp_path) is None
     assert tracker.client.get_run(stale).info.status == "FAILED"
+
+
+def other_code(monkeypatch) -> tuple[Fingerprint, Fingerprint]:
+    """Today's fingerprint, and the one this process reports from now on: as if strategies.py changed."""
+    today = fingerprint.current()
+    other = Fingerprint(today.parts | {"src/knormpress/strategies.py": "0" * 12})
+    monkeypatch.setattr(fingerprint, "current", lambda: other)
+    return today, other
+
+
+def test_runs_of_other_code_are_rerun_superseded_and_not_exported_until_the_code_comes_back(args, tmp_path, monkeypatch, caplog):
+    uri = resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)
+    job(args, tmp_path)
+    old = {r.data.tags["knormpress.role"]: r.info.run_id for r in runs(tmp_path)}
+    today, other = other_code(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="knormpress"):
+        assert job(args, tmp_path) is not None
+    why = f"FINISHED with other code (fingerprint {today.digest} != {other.digest}: src/knormpress/strategies.py changed)"
+    assert f"rerun keep_low r=0.5: run {old['compressed']} {why}" in caplog.messages
+    assert f"measure a new baseline: run {old['baseline']} {why}" in caplog.messages
+    new = {r.data.tags["knormpress.role"]: r.info.run_id for r in runs(tmp_path, fingerprint=other.digest)}
+    assert set(new) == {"baseline", "compressed"} and status(tmp_path) == ["FINISHED"] * 4
+    marks = {r.info.run_id: r.data.tags.get("knormpress.superseded_by") for r in runs(tmp_path)}
+    assert {marks[i] for i in old.values()} <= set(new.values()) and {marks[i] for i in new.values()} == {None}
+    assert set(load_runs("knormpress", uri).run_id) == set(new.values())
+
+    monkeypatch.setattr(fingerprint, "current", lambda: today)  # the edit reverted
+    assert job(args, tmp_path) is None  # the old run is reused
+    marks = {r.info.run_id: r.data.tags.get("knormpress.superseded_by") for r in runs(tmp_path)}
+    assert {marks[i] for i in new.values()} <= set(old.values()) and {marks[i] for i in old.values()} == {None}
+    assert set(load_runs("knormpress", uri).run_id) == set(old.values())
+
+
+def test_a_baseline_job_of_other_code_reruns(args, tmp_path, monkeypatch, caplog):
+    job(args, tmp_path, "compress=none")
+    (old,) = runs(tmp_path)
+    other_code(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="knormpress"):
+        assert job(args, tmp_path, "compress=none") is not None
+    assert [m for m in caplog.messages if m.startswith(f"rerun baseline: run {old.info.run_id} FINISHED with other code")]
+    assert status(tmp_path, role="baseline") == ["FINISHED", "FINISHED"]
 
 
 def test_compress_none_is_the_baseline_and_force_reruns(args, tmp_path):

@@ -68,15 +68,32 @@ def test_search_scopes_and_newest_first(tracker):
     assert len(found) == 3 and found[0].info.start_time >= found[-1].info.start_time
 
 
-def test_reap_fails_runs_of_dead_processes_only(tracker):
+def test_reap_fails_runs_of_dead_processes_on_this_host_only(tracker):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tracker.start("stale", tags(baseline_key="k"))
     tracker.client.set_tag(stale, "knormpress.pid", str(dead.pid))
-    alive = tracker.start("alive", tags(baseline_key="k"))
+    alive = tracker.start("alive", tags(baseline_key="k"))  # this process
+    elsewhere = tracker.start("elsewhere", tags(baseline_key="k", pid=dead.pid, host=f"not-{socket.gethostname()}"))
     tracker.reap({"baseline_key": "k"})
     assert tracker.client.get_run(stale).info.status == "FAILED"
     assert tracker.client.get_run(alive).info.status == "RUNNING"
+    assert tracker.client.get_run(elsewhere).info.status == "RUNNING"  # its pid means nothing here
+
+
+def test_supersede_marks_other_code_and_clears_todays(tracker):
+    other = Tracker(tracker.uri, "other")
+    ids = {}
+    for name, t, fingerprint, key in [("old", tracker, "a", "k"), ("old_elsewhere", other, "a", "k"), ("new", tracker, "b", "k"),
+                                      ("back", tracker, "b", "k"), ("unrelated", tracker, "a", "j")]:
+        with t.run(name, tags(baseline_key=key, fingerprint=fingerprint)) as ids[name]:
+            pass
+    tracker.client.set_tag(ids["back"], "knormpress.superseded_by", ids["old"])  # its code came back
+    running = tracker.start("running", tags(baseline_key="k", fingerprint="a"))
+    tracker.supersede({"baseline_key": "k"}, ids["new"], "b", everywhere=True)
+    marks = {name: tracker.client.get_run(i).data.tags.get("knormpress.superseded_by") for name, i in ids.items()}
+    assert marks == {"old": ids["new"], "old_elsewhere": ids["new"], "new": None, "back": None, "unrelated": None}
+    assert "knormpress.superseded_by" not in tracker.client.get_run(running).data.tags  # not a result yet
 
 
 def test_retry_waits_out_a_locked_database(monkeypatch):

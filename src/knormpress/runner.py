@@ -1,14 +1,19 @@
 """The experiment runner: one Hydra job = one MLflow run, resumable, compared with a shared baseline.
 
-A job validates its config, skips itself if an identical run already FINISHED, loads the model
-and the task's samples, finds (or computes and logs, once, under a lock) the uncompressed baseline
-for its model + task + samples + eval settings, runs its compression and logs what the task
-measured. The task (`knormpress.tasks`) decides the samples, records and metrics; the runner adds
-kv_{tokens,bytes}_{peak,mean} (mean over samples), memory_saving_pct, wall_s (time in the
-engines) and tokens_per_s. Also logged: the task's curves (metric histories), its samples as the
-run's dataset input, the one-line result as the run's description. Artifacts: config.yaml,
-records.parquet, per_text.csv. The console gets one log line per run and, when progress is on,
-one bar per job over its texts (library loading bars only then too).
+A job validates its config, skips itself if a run of the same config FINISHED with today's code
+(the same numbers fingerprint, `knormpress.fingerprint`), loads the model and the task's samples,
+finds (or computes and logs, once, under a lock) the uncompressed baseline for its model + task +
+samples + eval settings and today's code, runs its compression and logs what the task measured.
+A FINISHED run that other code computed is never reused: the job reruns and says why in one log
+line. Runs with one baseline_key are compared with each other, so once a job has a run of today's
+code (reused or new), every FINISHED run with its baseline_key (in any experiment) that other code
+computed is tagged `superseded_by` it, and runs of today's code lose that tag: the export shows
+runs of one code version per baseline. The task (`knormpress.tasks`) decides the samples, records
+and metrics; the runner adds kv_{tokens,bytes}_{peak,mean} (mean over samples), memory_saving_pct,
+wall_s (time in the engines) and tokens_per_s. Also logged: the task's curves (metric histories),
+its samples as the run's dataset input, the one-line result as the run's description. Artifacts:
+config.yaml, records.parquet, per_text.csv. The console gets one log line per run and, when
+progress is on, one bar per job over its texts (library loading bars only then too).
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ import pandas as pd
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from knormpress import fingerprint
 from knormpress.compression import Compression
 from knormpress.config import RunConfig, as_baseline, baseline_key, config_hash, flatten, validate
+from knormpress.fingerprint import Fingerprint
 from knormpress.sources.models import ModelBundle, load_model
 from knormpress.tasks import Task
 from knormpress.sweeps import sweep_dir, sweep_parent
@@ -75,6 +83,7 @@ class Context:
     job: Job
     task: Task
     tracker: Tracker | None
+    code: Fingerprint | None  # today's numbers fingerprint; None without tracking
     bundle: ModelBundle
     samples: list
     samples_hash: str
@@ -87,22 +96,26 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
     rc, plain = validate(cfg)
     task, compression = rc.build_task(), rc.build_compression()
     tracker = Tracker(resolve_uri(rc.tracking.uri, job.cwd), rc.tracking.experiment) if rc.tracking.enabled else None
+    code = fingerprint.current() if tracker else None
     if tracker:  # runs (sweep parents too) that a killed process on this host left RUNNING end FAILED now
         tracker.reap({}, everywhere=True)
     key = baseline_key(plain)
-    if tracker and not rc.force and (done := _done(tracker, compression, plain, key)):
-        log.info("skip %s: run %s already FINISHED with this config (force=true reruns it)", _name(compression), done.info.run_id)
+    if tracker and not rc.force and (done := _done(tracker, code, compression, plain)):
+        tracker.supersede({"baseline_key": key}, done.info.run_id, code.digest, everywhere=True)
+        log.info("skip %s: run %s already FINISHED with this config and code (force=true reruns it)", _name(compression),
+                 done.info.run_id)
         return None
 
     parent = sweep_parent(job.sweep, tracker) if tracker and job.sweep else None  # created by the first job that runs
     labels = tags(baseline_key=key, experiment_preset=job.preset, sweep=job.sweep, parent=parent, task=task.name)
+    labels |= code.tags() if code else {}
     progress = show_progress(rc.progress)
     with _library_bars(progress):
         bundle = load_model(rc.model, dtype=rc.eval.dtype, device=rc.eval.device, cache=rc.cache, seed=rc.eval.seed)
         samples = task.samples(bundle, asdict(rc.dataset), rc.eval, rc.cache)
     runs = 1 if compression is None else 2  # the baseline, unless reused, then the compressed run
     with tqdm(total=runs * len(samples), desc=_name(compression), unit="text", disable=not progress, leave=False) as bar:
-        ctx = Context(rc, job, task, tracker, bundle, samples, _samples_hash(samples), labels, bar)
+        ctx = Context(rc, job, task, tracker, code, bundle, samples, _samples_hash(samples), labels, bar)
         with FileLock(str((job.sweep or Path(tempfile.gettempdir())) / f".knormpress-baseline-{key}.lock")):
             # force distrusts everything logged before this command: reuse only a baseline of this sweep
             baseline = None
@@ -118,18 +131,29 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
         return _measure(ctx, plain, compression, baseline, job.out_dir).metrics
 
 
-def _done(tracker: Tracker, compression: Compression | None, plain: dict[str, Any], key: str):
-    """A FINISHED run this job would repeat: for a baseline any run with its baseline_key (in any
-    experiment), otherwise a run with the same config_hash in this experiment."""
+def _same_code(tracker: Tracker, code: Fingerprint, where: dict[str, str], everywhere: bool, action: str) -> Run | None:
+    """The newest FINISHED run matching `where` that today's code computed; when only runs of other
+    code match, None and one log line: `<action>: run <id> FINISHED with other code (<why>)`."""
+    runs = tracker.search(where, everywhere=everywhere)
+    same = next((r for r in runs if code.matches(r)), None)
+    if same is None and runs:
+        log.info("%s: run %s FINISHED with other code (%s)", action, runs[0].info.run_id, code.difference(runs[0]))
+    return same
+
+
+def _done(tracker: Tracker, code: Fingerprint, compression: Compression | None, plain: dict[str, Any]) -> Run | None:
+    """A FINISHED run this job would repeat, computed by today's code: for a baseline any run with
+    its baseline_key (in any experiment), otherwise a run with the same config_hash in this experiment."""
     if compression is None:
-        return tracker.finished({"role": "baseline", "baseline_key": key}, everywhere=True)
-    return tracker.finished({"config_hash": config_hash(plain)})
+        return _same_code(tracker, code, {"role": "baseline", "baseline_key": baseline_key(plain)}, True, "rerun baseline")
+    return _same_code(tracker, code, {"config_hash": config_hash(plain)}, False, f"rerun {_name(compression)}")
 
 
 def _reuse_baseline(ctx: Context, key: str, scope: dict[str, str]) -> Measured | None:
     """The newest FINISHED baseline run for `key` (any experiment; `scope`: more fields it must
-    match), with its records; None if there is none or it saw other tokens (edited texts)."""
-    run = ctx.tracker.finished({"role": "baseline", "baseline_key": key} | scope, everywhere=True)
+    match) that today's code computed, with its records; None if there is none or it saw other
+    tokens (edited texts)."""
+    run = _same_code(ctx.tracker, ctx.code, {"role": "baseline", "baseline_key": key} | scope, True, "measure a new baseline")
     if run is None:
         return None
     if run.data.tags.get(TAGS["samples_hash"]) != ctx.samples_hash:
@@ -168,6 +192,8 @@ def _measure(ctx: Context, plain: dict[str, Any], compression: Compression | Non
                         model=ctx.bundle.name, description=result)
             ctx.tracker.log(run_id, flatten(plain), metrics, more, files)
             ctx.tracker.log_histories(run_id, ctx.task.histories(records))
+    if ctx.tracker:
+        ctx.tracker.supersede({"baseline_key": baseline_key(plain)}, run_id, ctx.code.digest, everywhere=True)
     log.info("%s%s", result, f" [run {run_id}]" if run_id else "")
     return Measured(records, metrics, run_id)
 

@@ -6,10 +6,13 @@ Run schema (the contract with the report code): params = the flattened resolved 
 metrics plus the runner's memory and time; metric histories = the task's curves under
 `HISTORY_PREFIX` (step = position for `lm`; not results: the export skips them); dataset input =
 the samples read (name, source, digest = samples hash, profile = sizes); artifacts = config.yaml,
-records.parquet (the task's per-item records), per_text.csv (one row per sample).
-A multirun's parent run has the sweep, preset, pid/host and git tags but no role; it is created by
-the first job that runs (none if every job is skipped) and ends with `comparison.png`, its
-children's key metrics side by side. Experiments are marked as classic ML (`EXPERIMENT_KIND`).
+records.parquet (the task's per-item records), per_text.csv (one row per sample). A job's runs
+carry the numbers fingerprint (`knormpress.fingerprint`); once a job has a run of today's code, the
+FINISHED runs sharing its baseline_key that other code computed are tagged `superseded_by` it
+(`Tracker.supersede`; the export skips them). A multirun's parent run has the sweep, preset,
+pid/host and git tags but no role; it is created by the first job that runs (none if every job is
+skipped) and ends with `comparison.png`, its children's key metrics side by side. Experiments are
+marked as classic ML (`EXPERIMENT_KIND`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ T = TypeVar("T")
 TAGS = {  # field -> MLflow tag: everything a run is labelled with, and how lookups find runs
     **{f: f"knormpress.{f}" for f in (
         "role", "strategy", "task", "engine", "config_hash", "baseline_key", "sweep", "experiment_preset",
-        "samples_hash", "model", "device", "pid", "host")},
+        "samples_hash", "model", "device", "pid", "host", "fingerprint", "fingerprint_parts", "superseded_by")},
     "git_commit": "git.commit", "git_dirty": "git.dirty", "parent": "mlflow.parentRunId",
     "description": "mlflow.note.content", "dataset_context": "mlflow.data.context",
 }
@@ -152,12 +155,6 @@ class Tracker:
         query = [f"tags.`{k}` = '{v}'" for k, v in tags(**where).items()] + ([f"attributes.status = '{status}'"] if status else [])
         return retry(self.client.search_runs, ids, " and ".join(query), order_by=["attributes.start_time DESC"], max_results=1000)
 
-    def finished(self, where: dict[str, str], everywhere: bool = False) -> Run | None:
-        """The newest FINISHED run matching `where`, after marking FAILED the matching runs that a
-        dead process left RUNNING."""
-        self.reap(where, everywhere)
-        return next(iter(self.search(where, everywhere=everywhere)), None)
-
     def reap(self, where: dict[str, str], everywhere: bool = False) -> None:
         """Mark FAILED the RUNNING runs matching `where` whose process (on this host) is gone."""
         for run in self.search(where | {"host": socket.gethostname()}, "RUNNING", everywhere):
@@ -166,6 +163,18 @@ class Tracker:
                 log.warning("run %s (%s) was left RUNNING by dead process %s; marking it FAILED", run.info.run_id,
                             run.info.run_name, pid)
                 retry(self.client.set_terminated, run.info.run_id, "FAILED")
+
+    def supersede(self, where: dict[str, str], keeper: str, fingerprint: str, everywhere: bool = False) -> None:
+        """The FINISHED runs matching `where` are compared with each other: tag those of another
+        `fingerprint` (other code) superseded by run `keeper` (the export skips them), and clear the
+        tag on those of this one (their code is back)."""
+        for run in self.search(where, everywhere=everywhere):
+            mark = run.data.tags.get(TAGS["superseded_by"])
+            same = run.data.tags.get(TAGS["fingerprint"]) == fingerprint
+            if same and mark is not None:
+                retry(self.client.delete_tag, run.info.run_id, TAGS["superseded_by"])
+            elif not same and mark is None:
+                retry(self.client.set_tag, run.info.run_id, TAGS["superseded_by"], keeper)
 
     def start(self, name: str, labels: dict[str, str]) -> str:
         """A RUNNING run tagged with the code version and, unless `labels` name another (a sweep

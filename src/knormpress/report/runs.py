@@ -143,11 +143,12 @@ def _newest(runs: list, experiment: str, key: str, tag_names: dict[str, str]) ->
 
 
 def _finished_runs(client, experiment) -> pd.DataFrame:
-    """FINISHED runs of one experiment, newest per config_hash, plus the baselines they were
-    compared with: the runner shares one baseline per model, texts and eval settings across
+    """FINISHED runs of one experiment (not superseded), newest per config_hash, plus the baselines
+    they were compared with: the runner shares one baseline per model, texts and eval settings across
     experiments, so it may have been logged elsewhere (then: the newest for its baseline_key)."""
     tag_names = _tags()
-    finished = "attributes.status = 'FINISHED'"
+    # a run superseded by one of newer code (knormpress.tracking.Tracker.supersede) is not a result
+    finished = f"attributes.status = 'FINISHED' and tags.`{tag_names['superseded_by']}` IS NULL"
     runs = _newest(_paged(client.search_runs, [experiment.experiment_id], finished, max_results=1000),
                    experiment.name, "config_hash", tag_names)
     missing = set(runs.baseline_key.dropna()) - set(runs[runs.role == "baseline"].baseline_key)
