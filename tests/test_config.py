@@ -14,7 +14,7 @@ from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
 PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 40, "passkey": 40, "needle": 40}
-LOCAL = ["dataset.path=/tmp"]
+NEEDS = {"local_text": ["dataset.path=/tmp"], "hub": ["model.source.id=org/model"]}  # options with a required setting
 
 
 def options(group: str) -> list[str]:
@@ -33,7 +33,7 @@ def check(overrides: list[str]):
 
 
 def test_groups_have_the_documented_options():
-    assert options("model") == ["gemma3_270m", "pythia_70m", "smollm2_135m", "tiny_random"]
+    assert options("model") == ["gemma3_270m", "hub", "pythia_70m", "smollm2_135m", "tiny_random"]
     assert options("dataset") == ["gutenberg", "local_text", "pg19"]
     assert options("compress") == ["h2o", "keep_high", "keep_low", "keydiff", "none", "random", "recent_only", "sinks", "tova"]
     assert options("task") == ["lm", "needle", "passkey"]
@@ -42,7 +42,7 @@ def test_groups_have_the_documented_options():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option):
-    overrides = [f"{group}={option}", *(LOCAL if option == "local_text" else [])]
+    overrides = [f"{group}={option}", *NEEDS.get(option, [])]
     run, plain = check(overrides)
     if group == "compress":
         assert plain["compress"]["strategy"]["name"] == option

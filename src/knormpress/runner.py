@@ -111,7 +111,8 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
     labels |= code.tags() if code else {}
     progress = show_progress(rc.progress)
     with _library_bars(progress):
-        bundle = load_model(rc.model, dtype=rc.eval.dtype, device=rc.eval.device, cache=rc.cache, seed=rc.eval.seed)
+        bundle = load_model(rc.model, dtype=rc.eval.dtype, device=rc.eval.device, cache=rc.cache, seed=rc.eval.seed,
+                            positions=compression.positions if compression else "true")
         samples = task.samples(bundle, asdict(rc.dataset), rc.eval, rc.cache)
     runs = 1 if compression is None else 2  # the baseline, unless reused, then the compressed run
     with tqdm(total=runs * len(samples), desc=_name(compression), unit="text", disable=not progress, leave=False) as bar:

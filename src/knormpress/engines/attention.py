@@ -65,17 +65,40 @@ def no_mask(*args, **kwargs) -> None:
     return None
 
 
-def grouped_weights(query: torch.Tensor, key: torch.Tensor, scaling: float | None, visible: torch.Tensor | None) -> torch.Tensor:
+def cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention logit soft-capping (Gemma 2): tanh(scores / cap) * cap, on the scaled scores before
+    the mask and the softmax, as transformers' eager attention applies the `softcap` kwarg."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def grouped_weights(query: torch.Tensor, key: torch.Tensor, scaling: float | None, visible: torch.Tensor | None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Softmax attention weights (B, Hkv, g, q, n) of query (B, Hq, q, D) over key (B, Hkv, n, D),
-    each query head with its KV group (one batched matmul per KV head); `visible` (q, n) masks keys out."""
+    each query head with its KV group (one batched matmul per KV head); `visible` (q, n), or
+    (B, Hq or 1, q, n), masks keys out; `softcap` caps the scaled scores first."""
     B, Hq, q, D = query.shape
     Hkv, n = key.shape[1], key.shape[2]
     scale = D**-0.5 if scaling is None else scaling
     grouped = query.reshape(B * Hkv, (Hq // Hkv) * q, D)
     scores = torch.bmm(grouped, key.reshape(B * Hkv, n, D).transpose(1, 2)).view(B, Hkv, Hq // Hkv, q, n) * scale
+    scores = cap(scores, softcap)
     if visible is not None:
+        if visible.dim() == 4:  # per query head, as SDPA takes it: heads grouped by KV head
+            visible = visible.unflatten(1, (Hkv if visible.shape[1] > 1 else 1, -1))
         scores = scores.masked_fill(~visible, float("-inf"))
     return scores.softmax(dim=-1)
+
+
+def sdpa(query, key, value, visible: torch.Tensor | None, scaling: float | None, softcap: float | None = None) -> torch.Tensor:
+    """torch's SDPA of query (B, Hq, q, D) over key/value (B, Hkv, n, D), KV heads shared by groups of
+    queries; `visible` a boolean mask broadcastable to (B, Hq, q, n), None for causal with q == n. SDPA
+    has no logit cap, so a capped layer runs the same maths written out (`grouped_weights`)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, is_causal=visible is None,
+                                              scale=scaling, enable_gqa=True)
+    if visible is None:
+        visible = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=key.device).tril()
+    return attend(grouped_weights(query, key, scaling, visible, softcap), value)
 
 
 def attend(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -85,30 +108,39 @@ def attend(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.view(B, Hkv * g, q, value.shape[-1])
 
 
-UNSUPPORTED = ("softcap", "s_aux")  # attention kwargs that change the result and are not implemented here
+UNSUPPORTED = ("s_aux",)  # attention kwargs that change the result and are not implemented here
 
 
-def plain_attention(query, key, value, scaling=None, window: int | None = None) -> torch.Tensor:
+def plain_attention(query, key, value, scaling=None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """The model's own uncompressed attention for one sequence: query (B, Hq, T, D) at positions
     0..T-1 over key/value (B, Hkv, T, D) at the same positions, KV heads shared by groups of queries.
 
     Query q sees key j iff j <= q, and with a sliding window also q - window < j (transformers'
-    `sliding_window_overlay`: the query and the window - 1 keys before it). Windowed layers run in
-    blocks of BLOCK queries over only the keys their window reaches. Returns (B, Hq, T, D).
+    `sliding_window_overlay`: the query and the window - 1 keys before it). Windowed or capped layers
+    run in blocks of BLOCK queries over only the keys they reach. Returns (B, Hq, T, D).
     """
     T = query.shape[2]
-    if window is None or T <= window:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    if softcap is None and (window is None or T <= window):
+        return sdpa(query, key, value, None, scaling)
     out = torch.empty_like(query)
     for q0 in range(0, T, BLOCK):
-        q1, k0 = min(q0 + BLOCK, T), max(q0 - window + 1, 0)
+        q1, k0 = min(q0 + BLOCK, T), 0 if window is None else max(q0 - window + 1, 0)
         q = torch.arange(q0, q1, device=query.device).view(-1, 1)
         j = torch.arange(k0, q1, device=query.device)
-        mask = (j <= q) & (j > q - window)
-        out[:, :, q0:q1] = F.scaled_dot_product_attention(
-            query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], attn_mask=mask, scale=scaling, enable_gqa=True
-        )
+        mask = (j <= q) if window is None else (j <= q) & (j > q - window)
+        out[:, :, q0:q1] = sdpa(query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], mask, scaling, softcap)
     return out
+
+
+def cache_attention(query, key, value, scaling=None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Attention of a call's q new tokens over a cache of n keys whose last q are their own, in order
+    (as a DynamicCache returns them, a sliding layer's window included): query i sees keys
+    j <= n - q + i, and with a window only the last `window` of them. Returns (B, Hq, q, D)."""
+    q, n = query.shape[2], key.shape[2]
+    i = torch.arange(q, device=key.device).view(-1, 1) + (n - q)
+    j = torch.arange(n, device=key.device)
+    visible = (j <= i) if window is None else (j <= i) & (j > i - window)
+    return sdpa(query, key, value, visible, scaling, softcap)
 
 
 def compresses(c: Any, layer: int, T: int, window: int | None) -> bool:
@@ -178,19 +210,21 @@ def recording_attention(module, query, key, value, attention_mask, scaling=None,
     from: the last query's weights (B, Hq, n) and the weights summed over the call's queries and
     each KV group (B, Hkv, n). The cache holds n - q earlier tokens, then this call's q tokens in
     order, so query i sees keys 0 .. n - q + i. Layers that are not compressed (skipped,
-    sliding-window) run transformers' own SDPA path untouched."""
+    sliding-window) run transformers' own SDPA path untouched, or `cache_attention` where the layer
+    caps its logits (SDPA has no cap)."""
     plan = PLAN.get()
-    layer = module.layer_idx
-    if layer in plan.compression.skip_layers or kwargs.get("sliding_window") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer, window, softcap = module.layer_idx, kwargs.get("sliding_window"), kwargs.get("softcap")
     refuse_unsupported(kwargs, "streaming")
-    if plan.rotary is not None:
+    compressed = layer not in plan.compression.skip_layers and window is None
+    if compressed and plan.rotary is not None:
         query = shift_new_tokens(plan.rotary, query, key, plan.start, layer)
-    if not plan.record:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if not (compressed and plan.record):
+        if softcap is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return cache_attention(query, key, value, scaling, window, softcap).transpose(1, 2), None
     q, n = query.shape[2], key.shape[2]
     visible = torch.arange(n, device=key.device) <= (n - q) + torch.arange(q, device=key.device).view(-1, 1)
-    w = grouped_weights(query, key, scaling, visible)
+    w = grouped_weights(query, key, scaling, visible, softcap)
     out = attend(w, value)
     plan.recorded[layer] = (w[..., -1, :].flatten(1, 2), w.sum(dim=(2, 3)))
     return out.transpose(1, 2), None
@@ -208,15 +242,19 @@ def prompt_attention(module, query, key, value, attention_mask, scaling=None, dr
     """Transformers' own SDPA attention over a whole prompt read uncompressed (outputs unchanged),
     recording per full-attention layer what attention-based strategies prune from: the last query's
     weights (B, Hq, T) and the weights summed over all queries and each KV group (B, Hkv, T)."""
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    refuse_unsupported(kwargs, "prefill")  # the outputs and recorded weights would not be the model's
+    softcap = kwargs.get("softcap")
+    if softcap is None:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    else:  # one unpadded prompt from position 0: causal, within the layer's window
+        out = plain_attention(query, key, value, scaling, kwargs.get("sliding_window"), softcap).transpose(1, 2), None
     if kwargs.get("sliding_window") is None:
-        refuse_unsupported(kwargs, "prefill")  # the recorded weights would not be the model's
         T = key.shape[2]
         total = torch.zeros(key.shape[:3], dtype=torch.float32, device=key.device)
         for start in range(0, T, PROMPT_BLOCK):
             stop = min(start + PROMPT_BLOCK, T)
             visible = torch.arange(stop, device=key.device) <= torch.arange(start, stop, device=key.device).view(-1, 1)
-            w = grouped_weights(query[:, :, start:stop], key[:, :, :stop], scaling, visible)
+            w = grouped_weights(query[:, :, start:stop], key[:, :, :stop], scaling, visible, softcap)
             total[..., :stop] += w.sum(dim=(2, 3))
         PLAN.get().recorded[module.layer_idx] = (w[..., -1, :].flatten(1, 2).clone(), total)  # not a view of the block
     return out

@@ -29,13 +29,12 @@ cache layer holds, the last window - 1 keys.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
 from knormpress.engines.attention import (BLOCK, PLAN, OnePassPlan, bytes_per_token, cache_windows, compresses, held_uncompressed,
-                                          layer_window, no_mask, one_pass, plain_attention)
+                                          layer_window, no_mask, one_pass, plain_attention, sdpa)
 from knormpress.eviction import expiry, held_tokens
 from knormpress.strategies import CacheView
 
@@ -53,24 +52,23 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     window = layer_window(kwargs, layer, plan.windows, "masked")
     if not compresses(c, layer, T, window):
         plan.held[layer] = (held_uncompressed(T, window), per_token)
-        return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
+        return plain_attention(query, key, value, scaling, window, kwargs.get("softcap")).transpose(1, 2), None
     positions = torch.arange(T, device=key.device).expand(key.shape[:3])
     exp = expiry(c.strategy.score(CacheView(key, positions, layer)), c.budget, c.interval)
     plan.held[layer] = (held_tokens(exp).double().mean(dim=(0, 1)), per_token)
-    return expiry_attention(query, key, value, exp, c.fix_kv_size, scaling).transpose(1, 2), None
+    return expiry_attention(query, key, value, exp, c.fix_kv_size, scaling, kwargs.get("softcap")).transpose(1, 2), None
 
 
-def expiry_attention(query, key, value, exp, budget: int, scaling) -> torch.Tensor:
+def expiry_attention(query, key, value, exp, budget: int, scaling, softcap: float | None = None) -> torch.Tensor:
     """Causal attention while nothing is evicted, then per block of queries only over the keys
-    still alive at the block's start, each query head packed with its KV group."""
+    still alive at the block's start, each query head packed with its KV group; `softcap` caps the
+    logits (`attention.sdpa`)."""
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     g = Hq // Hkv
     out = torch.empty_like(query)
     head = budget + 1  # queries 0..budget see every earlier key
-    out[:, :, :head] = F.scaled_dot_product_attention(
-        query[:, :, :head], key[:, :, :head], value[:, :, :head], is_causal=True, scale=scaling, enable_gqa=True
-    )
+    out[:, :, :head] = sdpa(query[:, :, :head], key[:, :, :head], value[:, :, :head], None, scaling, softcap)
     grouped = query.view(B, Hkv, g, T, D)
     keys_at = torch.arange(T, device=key.device)
     for q0 in range(head, T, BLOCK):
@@ -84,7 +82,7 @@ def expiry_attention(query, key, value, exp, budget: int, scaling) -> torch.Tens
         mask = (idx.unsqueeze(-2) <= q) & (q < exp.gather(-1, idx).unsqueeze(-2))  # (B, Hkv, blk, n)
         mask = mask.unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(B, Hkv, g * (q1 - q0), n)
         packed = grouped[:, :, :, q0:q1].reshape(B, Hkv, g * (q1 - q0), D)
-        o = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=scaling)
+        o = sdpa(packed, k, v, mask, scaling, softcap)
         out[:, :, q0:q1] = o.view(B, Hkv, g, q1 - q0, D).reshape(B, Hq, q1 - q0, D)
     return out
 

