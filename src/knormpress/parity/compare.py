@@ -89,11 +89,14 @@ def ppl(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
 
 def parity_row(press: str, mode: str, ours: Reading, theirs: Reading, input_ids: torch.Tensor,
                first_step: int) -> dict[str, object]:
-    """One line of results/kvpress_parity.jsonl, without the setting."""
+    """One line of results/kvpress_parity.jsonl, without the setting. The logit difference is also
+    given over the queries that read an unpruned cache (rows 0 .. first_step): what differs there
+    comes from how the two sides compute attention, not from what they keep."""
+    diff = (ours.logits - theirs.logits).abs()
     return {"press": press, "kvpress": kvpress_side.PRESSES[press], "ours": OURS[press], "mode": mode,
             **kept_set_differences(ours.kept, theirs.kept, first_step),
             "ppl_ours": ppl(ours.logits, input_ids), "ppl_kvpress": ppl(theirs.logits, input_ids),
-            "max_abs_logit_diff": (ours.logits - theirs.logits).abs().max().item()}
+            "max_abs_logit_diff": diff.max().item(), "max_abs_logit_diff_unpruned": diff[: first_step + 1].max().item()}
 
 
 def kvpress_version(python: str | Path) -> str:

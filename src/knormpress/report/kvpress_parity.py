@@ -19,8 +19,8 @@ def read_parity(path: str | Path) -> list[dict]:
 
 
 def verdict(row: dict) -> str:
-    """bit for bit: same kept sets and identical logits; same kept sets: the logits differ only by
-    float rounding (a different attention kernel or cache order); differ: some kept set differs."""
+    """bit for bit: same kept sets and identical logits; same kept sets: the logits differ by float
+    rounding only (how attention is computed, or the cache's order); differ: some kept set differs."""
     if row["kept_sets_differ"]:
         return "differ"
     return "bit for bit" if row["max_abs_logit_diff"] == 0 else "same kept sets"
@@ -48,11 +48,12 @@ def parity_block(rows: list[dict]) -> str:
         return "Not measured yet: run `python scripts/kvpress_parity.py`."
     lines = [f"Generated from `results/kvpress_parity.jsonl` (`scripts/kvpress_parity.py`): {_setting(rows[0])}", "",
              "| kvpress | ours | kvpress selection | kept sets that differ | PPL kvpress | PPL ours | "
-             "max abs logit difference | agreement |",
+             "max abs logit difference (before any pruning) | agreement |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kvpress']} | {r['ours']} | {r['mode']} | {r['kept_sets_differ']:,} of {r['kept_sets']:,}"
-                     f"{_first(r)} | {r['ppl_kvpress']:.4f} | {r['ppl_ours']:.4f} | {r['max_abs_logit_diff']:.2g} | "
+                     f"{_first(r)} | {r['ppl_kvpress']:.4f} | {r['ppl_ours']:.4f} | {r['max_abs_logit_diff']:.2g} "
+                     f"({r['max_abs_logit_diff_unpruned']:.2g}) | "
                      f"{verdict(r)} |")
     return "\n".join(lines)
 
