@@ -29,7 +29,7 @@ keep_ratio 0 (it counts only if a newest token ever scores among the lowest).
 
 Writes one JSON line per press and mode (--out, default results/kvpress_parity.jsonl) and rewrites
 the README block between the kvpress-parity markers from it; `--render-only` does only the latter.
-Example: python scripts/kvpress_parity.py   (about 25 min on 2 busy cores)
+Example: python scripts/kvpress_parity.py   (about 14 min on 2 busy cores: the two sides run at once, 1 thread each)
 """
 
 import argparse

@@ -36,7 +36,8 @@ def _setting(row: dict) -> str:
     return (f"{s['model']} in {s['dtype']}, the first {s['tokens']} tokens of {s['text']}, fix_kv_size "
             f"{s['fix_kv_size']}, keep_ratio {s['keep_ratio']:g}, every layer pruned after every token, "
             f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}. kvpress {s['kvpress_versions']['kvpress']} "
-            f"(transformers {s['kvpress_versions']['transformers']}): `{s['kvpress_press']}`; ours: the "
+            f"(transformers {s['kvpress_versions']['transformers']}): "
+            f"`{s['kvpress_press'].replace(row['kvpress'], '<kvpress>')}` with the press of the first column; ours: the "
             f"token-by-token engine (transformers {s['transformers']}, git {s['git']}). \"our tie rule\": kvpress' "
             "selection replaced at run time by ours (equal scores go to the earlier position, kept tokens in "
             "time order, KnormPress' norms rounded to 10 significant bits).")
