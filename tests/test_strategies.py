@@ -147,3 +147,20 @@ def test_a_label_names_every_setting_that_is_not_the_default(node, label):
 def test_bad_strategy_settings_list_the_choices(node, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         get_strategy(node)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**-6, 2.0**5])
+def test_key_norms_are_rounded_to_ten_significant_bits(scale):
+    """Norms 2^-12 apart (relative) tie, norms 2^-9 apart do not, at any magnitude. 1 + 2^-11 and its 2^-12
+    neighbour share their first 10 significant bits (mantissa x 2^10 = 512.25 and 512.375: both 512) but not
+    their first 12 (2049 and 2049.5+: 2050); 1 and 1 + 2^-9 differ in the 10th (512 and 513)."""
+    def low(*norms):  # keep_low's scores of one-dimensional keys with these norms
+        keys = torch.tensor([[n * scale] for n in norms], dtype=torch.float32)[None, None]
+        assert keys.norm(dim=-1).flatten().tolist() == [n * scale for n in norms]  # the norms are exact in float32
+        return get_strategy("keep_low").score(CacheView(keys, torch.arange(len(norms)).view(1, 1, -1), 0))[0, 0]
+
+    near = 1 + 2**-11
+    tied = low(near, near * (1 + 2**-12))
+    assert tied[0] == tied[1] == -scale  # both round to 512 / 2^10, i.e. 1
+    apart = low(1.0, 1 + 2**-9)
+    assert apart[0] == -scale and apart[1] == -(1 + 2**-9) * scale
