@@ -1,12 +1,14 @@
 """A token-by-token reference for the eviction strategies, written from the papers' formulas.
 
 It shares no code with knormpress: no `Strategy.score`, `select`, `evict_one`, `expiry`, engine or
-cache compressor. There is no KV cache at all. At every step t the model reads the whole prefix
-0..t again, through an attention function written here (softmax of q k^T times the module's
-scaling, in the model's dtype, each query head with its KV group) under a mask in which query q sees
-key j iff j was kept when q was read; positions are the true ones. From that pass it reads the keys
-(after the model's own rotary) and the attention weights of every layer, scores the tokens of each
-compressed layer and KV head as the papers define them, and applies the keep rule below.
+cache compressor. The model reads one token per step at its true position into transformers' own
+cache, which is never pruned: it holds every key and value the model computed. Eviction is a mask
+instead: an attention function written here (softmax of q k^T times the module's scaling, in the
+model's dtype, each query head with its KV group) lets query t see key j iff j is in the kept set of
+its layer and KV head (or is t itself). Earlier queries never change, so this is the same as
+re-reading the prefix under the mask at every step. From each step the reference reads the keys
+(after the model's own rotary) and the new query's attention weights of every layer, scores the
+tokens of each compressed layer and KV head as the papers define them, and applies the keep rule.
 
 The keep rule (the project's eviction semantics, restated): after token t, a cache holding more
 than B tokens keeps the sinks (positions < n_sink), the recent window (positions > t - n_recent,
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 NAME = "knorm_test_reference"
@@ -61,28 +63,30 @@ class Reference:
 
 
 @dataclass
-class _Pass:
-    """One prefix pass: per layer, which keys each query may see (kv heads, T, T), and what the pass saw."""
+class _Step:
+    """The model call that reads token t: which keys each layer's KV heads may show it, and what it saw."""
 
-    sees: torch.Tensor  # (layers, kv heads, T, T) bool
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, n, D) after rotary
-    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (q heads, n, n)
+    t: int
+    sees: torch.Tensor  # (layers, kv heads, T) bool, the kept set plus t
+    weights: torch.Tensor  # (layers, q heads, T, T): row q = query q's attention, filled as the queries are read
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, t + 1, D) after rotary
 
 
-_NOW: list[_Pass] = []
+_NOW: list[_Step] = []
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """softmax(q k^T * scaling) v with query q seeing key j iff sees[layer, kv head of q, q, j]."""
-    state = _NOW[-1]
-    layer, n = module.layer_idx, query.shape[2]
+    """softmax(q k^T * scaling) v for the one new query, which sees key j iff sees[layer, its KV head, j]."""
+    step = _NOW[-1]
+    layer, n = module.layer_idx, key.shape[2]
     group = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    logits = (query @ k.transpose(-1, -2)) * scale
-    allowed = state.sees[layer, :, :n, :n].repeat_interleave(group, dim=0)[None]
+    logits = (query @ k.transpose(-1, -2)) * scale  # (1, q heads, 1, n)
+    allowed = step.sees[layer, :, :n].repeat_interleave(group, dim=0)[None, :, None]
     weights = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    state.keys[layer], state.weights[layer] = key[0], weights[0]
+    step.weights[layer, :, step.t, :n] = weights[0, :, 0]
+    step.keys[layer] = key[0]
     return (weights @ v).transpose(1, 2).contiguous(), weights
 
 
@@ -134,28 +138,31 @@ def reference(model, ids: torch.Tensor, m: Method) -> Reference:
     T, L = ids.shape[0], config.num_hidden_layers
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     group = config.num_attention_heads // kv_heads
-    sees = torch.zeros(L, kv_heads, T, T, dtype=torch.bool)
-    cache = [[[] for _ in range(kv_heads)] for _ in range(L)]
+    weights = torch.zeros(L, config.num_attention_heads, T, T, dtype=model.dtype)
+    kept = [[[] for _ in range(kv_heads)] for _ in range(L)]
+    everything = DynamicCache(config=config)  # every token's key and value, never pruned
     out = Reference()
     previous = config._attn_implementation
     model.set_attn_implementation(NAME)
     try:
         for t in range(T - 1):
+            sees = torch.zeros(L, kv_heads, T, dtype=torch.bool)
             for layer in range(L):
                 for h in range(kv_heads):
-                    cache[layer][h] = cache[layer][h] + [t]
-                    sees[layer, h, t, cache[layer][h]] = True
-            _NOW.append(_Pass(sees))
-            logits = model(input_ids=ids[None, : t + 1], position_ids=torch.arange(t + 1)[None], use_cache=False).logits
-            state = _NOW.pop()
-            out.nll.append(float(F.cross_entropy(logits[0, t].double(), ids[t + 1])))
+                    kept[layer][h] = kept[layer][h] + [t]
+                    sees[layer, h, kept[layer][h]] = True
+            _NOW.append(_Step(t, sees, weights))
+            logits = model(input_ids=ids[None, t:t + 1], position_ids=torch.tensor([[t]]), cache=everything,
+                           use_cache=True).logits
+            step = _NOW.pop()
+            out.nll.append(float(F.cross_entropy(logits[0, -1].double(), ids[t + 1])))
             for layer in range(L):
                 if layer in m.skip_layers:
                     continue
                 for h in range(kv_heads):
-                    score = scores(m, cache[layer][h], t, state.keys[layer], state.weights[layer], h, group)
-                    cache[layer][h] = keep(m, cache[layer][h], score, t)
-            out.kept.append([[list(c) for c in heads] for heads in cache])
+                    score = scores(m, kept[layer][h], t, step.keys[layer], weights[layer, :, : t + 1, : t + 1], h, group)
+                    kept[layer][h] = keep(m, kept[layer][h], score, t)
+            out.kept.append([[list(c) for c in heads] for heads in kept])
     finally:
         model.set_attn_implementation(previous)
     return out
