@@ -104,8 +104,9 @@ class H2O(Strategy):
     models without grouped-query attention); the recent window is keep_ratio x fix_kv_size, so
     keep_ratio 0.5 is the paper's split. `normalise`: "sum" is the paper's score; "mean" divides it
     by the number of queries that saw the token, t + 1 - j (kvpress' observed-attention press does
-    so), which removes the head start that tokens read early (a prompt's first lines) get from being
-    summed over more queries. keep_ratio 0 is not H2O: see `without_recent_window`."""
+    so): tokens read early (a prompt's first lines) get no head start from being summed over more
+    queries, and tokens seen by few queries get noisier scores instead. keep_ratio 0 is not H2O:
+    see `without_recent_window`."""
 
     name = "h2o"
     static = False
