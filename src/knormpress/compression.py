@@ -21,6 +21,7 @@ from knormpress.strategies import CacheView, Strategy, get_strategy
 
 WHEN = ("prefill", "streaming")  # compress.when: prune once after the prompt, or keep within budget while reading
 POSITIONS = ("true", "rerotate")  # see the README, "Positions after pruning"
+log = logging.getLogger("knormpress")
 
 
 @dataclass
