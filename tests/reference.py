@@ -48,6 +48,9 @@ class Method:
     n_sink: int = 0
     skip_layers: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        assert self.method in METHODS, self.method
+
     @property
     def n_recent(self) -> int:
         return min(math.floor(self.keep_ratio * self.budget + 0.5), self.budget - self.n_sink)
@@ -119,7 +122,6 @@ def scores(m: Method, cache: list[int], t: int, keys: torch.Tensor, weights: tor
         k = {j: keys[head, j] for j in cache}
         anchor = sum(v / v.norm() for v in k.values()) / len(cache)
         return {j: -float(v @ anchor / (v.norm() * anchor.norm())) for j, v in k.items()}
-    raise ValueError(m.method)
 
 
 def keep(m: Method, cache: list[int], score: dict[int, float], t: int) -> list[int]:
