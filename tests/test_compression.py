@@ -167,3 +167,40 @@ def test_positions_read_as_a_yaml_boolean_mean_true():
 def test_rerotate_on_a_bare_cache_says_how_to_run_it(model, text_ids):
     with pytest.raises(ConfigError, match="positions='rerotate' moves keys with the model's rotary embedding"):
         fix_size_l2_compress(filled_cache(model, text_ids[:40]), fix_kv_size=20, positions="rerotate")
+
+
+@pytest.mark.parametrize("settings,warns", [
+    (dict(strategy="h2o", keep_ratio=0), True),
+    (dict(strategy="h2o", keep_ratio=0.01, fix_kv_size=32), True),  # 0.32 slots round to no window
+    (dict(strategy="h2o", keep_ratio=0.5), False),
+    (dict(strategy={"name": "h2o", "normalise": "mean"}, keep_ratio=0), False),  # a new token's mean is not one weight
+    (dict(strategy="tova", keep_ratio=0), False),
+])
+def test_h2o_without_a_recent_window_warns_in_one_line(settings, warns, caplog):
+    from knormpress.compression import _advise
+
+    _advise.cache_clear()
+    with caplog.at_level("WARNING", logger="knormpress"):
+        Compression(**settings)
+        Compression(**settings)  # a run builds its compression several times: still one line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == warns
+    if warns:
+        assert "h2o with keep_ratio=" in lines[0] and "keeps no recent window" in lines[0] and "evicted at once" in lines[0]
+        assert "\n" not in lines[0]
+
+
+def test_keydiff_keeps_the_tokens_of_the_papers_definition_on_a_bare_cache(model, text_ids):
+    """KeyDiff on a bare cache, keep_ratio 0: per layer and KV head the B keys with the lowest cosine to the
+    mean unit key of the cache, computed here in float64 from the definition; ties to the earlier position."""
+    cache = filled_cache(model, text_ids[:60])
+    before = [l.keys.double().clone() for l in cache.layers]
+    fix_size_l2_compress(cache, fix_kv_size=20, keep_ratio=0.0, strategy="keydiff", skip_layers=[])
+    for layer, keys in zip(cache.layers, before):
+        for h in range(keys.shape[1]):
+            k = keys[0, h]
+            unit = k / k.norm(dim=-1, keepdim=True)
+            anchor = unit.mean(dim=0)
+            cos = (k @ anchor) / (k.norm(dim=-1) * anchor.norm())
+            want = sorted(sorted(range(60), key=lambda j: (cos[j].item(), j))[:20])
+            assert layer.knorm_positions[0, h].tolist() == want

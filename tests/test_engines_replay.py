@@ -16,11 +16,19 @@ from knormpress.engines import pick_engine
 from conftest import VOCAB, record_logit_diff, seeded, tiny_model
 
 REPLAYABLE = sorted(n for n, cls in STRATEGIES.items() if cls.replayable)
-GRID = [(s, kr, skip, sink) for s, kr, skip, sink in itertools.product(REPLAYABLE, [0.0, 0.5, 1.0], [(), (0, 1)], [0, 4])
+VARIANTS = {"h2o[normalise=mean]": {"name": "h2o", "normalise": "mean"},  # settings off the default, by label
+            "keydiff[anchor=raw]": {"name": "keydiff", "anchor": "raw"}}
+GRID = [(s, kr, skip, sink) for s, kr, skip, sink in itertools.product(REPLAYABLE + list(VARIANTS), [0.0, 0.5, 1.0],
+                                                                        [(), (0, 1)], [0, 4])
         if not (s == "sinks" and sink == 0)]
 # the fast suite: every strategy once at the default keep_ratio, alternating model, skip layers and sinks
 FAST = [(["gpt_neox", "llama"][i % 2], s, 0.5, (0, 1) if i % 3 else (), 4 if s == "sinks" or i % 2 else 0)
-        for i, s in enumerate(REPLAYABLE)]
+        for i, s in enumerate(REPLAYABLE + list(VARIANTS))]
+
+
+def node(strategy: str) -> str | dict:
+    """A strategy name or variant label as a config node (random strategies seeded)."""
+    return VARIANTS.get(strategy) or seeded(strategy, 5)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,7 @@ def ids():
 def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=32, engine="replay", atol=1e-10, **settings):
     """`atol`: on the final caches (keys, values, attention received), float64 rounding unless the model's own
     attention rounds more (Gemma 2's eager softmax runs in float32)."""
-    c = Compression(seeded(strategy, 5), fix_kv_size, keep_ratio, list(skip), n_sink=n_sink, **settings)
+    c = Compression(node(strategy), fix_kv_size, keep_ratio, list(skip), n_sink=n_sink, **settings)
     a = run_engine(model, ids, c, "streaming")
     b = run_engine(model, ids, c, engine)
     diff = (a.logits - b.logits).abs().max()
@@ -68,12 +76,13 @@ STATIC = sorted(n for n, cls in STRATEGIES.items() if cls.static)
 # positions x interval x sort_by_time for every replayable strategy; static ones with true positions also masked
 # (under true positions sort_by_time only reorders the cache, which GRID covers)
 POLICY_GRID = [(arch, s, pos, interval, sort, engine) for arch, s, pos, interval, sort in
-               itertools.product(["gpt_neox", "llama"], REPLAYABLE, ["true", "rerotate"], [1, 5], [True, False])
+               itertools.product(["gpt_neox", "llama"], REPLAYABLE + list(VARIANTS), ["true", "rerotate"], [1, 5], [True, False])
                if sort or pos == "rerotate" for engine in ["replay"] + (["masked"] if s in STATIC and pos == "true" else [])]
 POLICY_FAST = [("gpt_neox", "keep_low", "rerotate", 1, False, "replay"), ("llama", "h2o", "rerotate", 5, True, "replay"),
                ("llama", "keep_low", "true", 5, True, "masked"), ("gpt_neox", "tova", "true", 5, False, "replay"),
                ("llama", "keydiff", "rerotate", 1, False, "replay"), ("gpt_neox", "sinks", "rerotate", 5, True, "replay"),
-               ("gemma3", "keep_low", "rerotate", 5, False, "replay")]  # sliding layers keep true positions
+               ("gemma3", "keep_low", "rerotate", 5, False, "replay"),  # sliding layers keep true positions
+               ("llama", "h2o[normalise=mean]", "true", 5, True, "replay")]
 
 
 def check_policy(models, ids, arch, strategy, positions, interval, sort_by_time, engine):
@@ -105,9 +114,11 @@ def test_replay_equals_streaming_on_gemma3(models, ids, strategy):
 
 def test_dynamic_strategies_really_differ_from_each_other(models, ids):
     """A control for the test above: equal engines would also pass if a strategy were ignored."""
-    caches = [run_engine(models["llama"], ids, Compression(s, 32, 0.25, []), "replay").cache for s in ("h2o", "tova", "keydiff")]
+    names = ["h2o", "tova", "keydiff", *VARIANTS]
+    caches = [run_engine(models["llama"], ids, Compression(node(s), 32, 0.25, []), "replay").cache for s in names]
     kept = [torch.stack([l.knorm_positions.sort(-1).values for l in c.layers]) for c in caches]
-    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2]) and not torch.equal(kept[0], kept[2])
+    for (a, ka), (b, kb) in itertools.combinations(zip(names, kept), 2):
+        assert not torch.equal(ka, kb), (a, b)
 
 
 def test_recorded_attention_is_the_models_own(models, ids):

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +46,33 @@ def test_wilson_interval_matches_published_values(k, n, lo, hi):
     from knormpress.metrics import wilson
 
     assert wilson(k, n) == pytest.approx((lo, hi), abs=1e-4)
+
+
+def test_intervals_are_the_bootstrap_percentiles_written_out():
+    """Each resample draws the texts with replacement (the same draws for the run and its baseline: paired);
+    the interval is the 2.5th and 97.5th percentile of the pooled values over the resamples."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [40, 90, 60, 150, 75, 120, 30]
+    base = [result((torch.rand(n, generator=g, dtype=torch.float64) * 5).tolist(), (torch.rand(n, generator=g) < 0.4).tolist())
+            for n in lengths]
+    run = [result((r.nll + torch.rand(len(r.nll), generator=g, dtype=torch.float64)).tolist(),
+                  (torch.rand(len(r.nll), generator=g) < 0.35).tolist()) for r in base]
+    got = summarize(run, base, n_boot=400, seed=7)
+    rng, n = np.random.default_rng(7), len(lengths)
+    draws = {"ppl": [], "accuracy": [], "delta_ppl_pct": [], "delta_accuracy_pct": []}
+    for _ in range(400):
+        counts = rng.multinomial(n, [1 / n] * n)  # how often each text is drawn in this resample
+        pooled_of = {}
+        for name, texts in (("run", run), ("base", base)):
+            tokens = sum(c * r.n_tokens for c, r in zip(counts, texts))
+            nll = sum(c * r.nll.double().sum().item() for c, r in zip(counts, texts))
+            hits = sum(c * r.correct.double().sum().item() for c, r in zip(counts, texts))
+            pooled_of[name] = (math.exp(nll / tokens), hits / tokens)
+        (ppl, acc), (base_ppl, base_acc) = pooled_of["run"], pooled_of["base"]
+        draws["ppl"].append(ppl)
+        draws["accuracy"].append(acc)
+        draws["delta_ppl_pct"].append(100 * (ppl / base_ppl - 1))
+        draws["delta_accuracy_pct"].append(100 * (acc / base_acc - 1))
+    for name, values in draws.items():
+        lo, hi = np.percentile(values, [2.5, 97.5])
+        assert (got[f"{name}_lo"], got[f"{name}_hi"]) == pytest.approx((lo, hi), rel=1e-12), name

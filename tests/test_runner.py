@@ -370,3 +370,12 @@ def test_a_sweep_killed_with_sigkill_is_marked_failed_by_the_next_start(args, tm
 def test_a_misspelled_strategy_setting_names_the_valid_ones(args, tmp_path, monkeypatch, capsys):
     assert cli_exit([*args, "compress=random", "compress.strategy.sed=3", f"hydra.run.dir={tmp_path}/run"], monkeypatch) == 2
     assert capsys.readouterr().err.strip() == "error: strategy 'random' has no setting 'sed'; its settings are: seed"
+
+
+def test_a_run_is_named_by_its_strategy_label_and_budget():
+    from knormpress import Compression
+    from knormpress.runner import _name
+
+    assert _name(Compression({"name": "h2o", "normalise": "mean"}, fix_kv_size=None, ratio=0.5, when="prefill")) == \
+        "h2o[normalise=mean] r=0.5 ratio=0.5 prefill"
+    assert _name(Compression({"name": "random", "seed": 3}, keep_ratio=0.3)) == "random r=0.3"

@@ -1,3 +1,6 @@
+import math
+import re
+
 import pytest
 import torch
 
@@ -99,8 +102,65 @@ def test_tova_scores_the_current_attention_averaged_over_heads():
     assert torch.allclose(get_strategy("tova").score(view_by_hand()), torch.tensor([[[0.3, 0.175, 0.525]]]))
 
 
-def test_keydiff_keeps_keys_unlike_the_mean():
-    # mean key (4/3, 2/3) points along (2, 1)/sqrt(5): cos = 2/sqrt(5), 1/sqrt(5), 2/sqrt(5); the score is
-    # minus the cosine times |sum of keys| = |(4, 2)| = sqrt(20), a positive factor per head
-    want = -torch.tensor([[[2.0, 1.0, 2.0]]]) / 5**0.5 * 20**0.5
-    assert torch.allclose(get_strategy("keydiff").score(view_by_hand()), want)
+def test_keydiff_scores_minus_the_cosine_to_the_mean_unit_key():
+    """The paper's definition, per KV head over the keys cached now, in float64 by hand."""
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64) * torch.rand(1, 2, 9, 1, generator=g) * 10
+    got = get_strategy("keydiff").score(CacheView(keys, torch.arange(9).expand(1, 2, 9), 0))
+    for h in range(2):
+        rows = keys[0, h].tolist()
+        units = [[x / math.sqrt(sum(v * v for v in row)) for x in row] for row in rows]
+        anchor = [sum(u[d] for u in units) / len(units) for d in range(4)]
+        for i, row in enumerate(rows):
+            cos = sum(a * b for a, b in zip(row, anchor)) / math.sqrt(sum(v * v for v in row) * sum(v * v for v in anchor))
+            assert got[0, h, i].item() == pytest.approx(-cos, abs=1e-6)
+
+
+def test_keydiff_anchor_is_the_mean_direction_not_the_mean_key():
+    """Unit keys (1, 0), (0, 1), (1, 0) average to the direction (2, 1): the long key (0, 3) is the distinctive
+    one. The raw keys average to (2, 3)/3, which the long key dominates: under `anchor: raw` it looks typical."""
+    keys = torch.tensor([[[[1.0, 0.0], [0.0, 3.0], [1.0, 0.0]]]])
+    view = CacheView(keys, torch.arange(3).view(1, 1, 3), 0)
+    paper = get_strategy("keydiff").score(view)[0, 0]
+    assert torch.allclose(paper, -torch.tensor([2.0, 1.0, 2.0]) / 5**0.5)
+    assert paper.argmax() == 1
+    raw = get_strategy({"name": "keydiff", "anchor": "raw"}).score(view)[0, 0]
+    assert raw.argmin() == 1 and torch.allclose(raw / raw.norm(), -torch.tensor([2.0, 3.0, 2.0]) / 17**0.5)
+
+
+def test_h2o_mean_divides_by_the_queries_that_saw_each_token():
+    view = view_by_hand()
+    view.length = 5  # tokens 0, 1, 2 seen by 5, 4, 3 queries
+    got = get_strategy({"name": "h2o", "normalise": "mean"}).score(view)
+    assert torch.allclose(got, torch.tensor([[[2.0 / 5, 0.5 / 4, 1.0 / 3]]]))
+
+
+@pytest.mark.parametrize("node,label", [("h2o", "h2o"), ({"name": "h2o", "normalise": "mean"}, "h2o[normalise=mean]"),
+                                        ({"name": "keydiff", "anchor": "raw"}, "keydiff[anchor=raw]"),
+                                        ({"name": "random", "seed": 4}, "random"), ("keep_low", "keep_low")])
+def test_a_label_names_every_setting_that_is_not_the_default(node, label):
+    assert get_strategy(node).label == label
+
+
+@pytest.mark.parametrize("node,words", [({"name": "h2o", "normalise": "max"}, "unknown h2o normalise 'max'; choose one of sum, mean"),
+                                        ({"name": "keydiff", "anchor": "unit"}, "unknown keydiff anchor 'unit'; choose one of normalised, raw")])
+def test_bad_strategy_settings_list_the_choices(node, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        get_strategy(node)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**-6, 2.0**5])
+def test_key_norms_are_rounded_to_ten_significant_bits(scale):
+    """Norms 2^-12 apart (relative) tie, norms 2^-9 apart do not, at any magnitude. 1 + 2^-11 and its 2^-12
+    neighbour share their first 10 significant bits (mantissa x 2^10 = 512.25 and 512.375: both 512) but not
+    their first 12 (2049 and 2049.5+: 2050); 1 and 1 + 2^-9 differ in the 10th (512 and 513)."""
+    def low(*norms):  # keep_low's scores of one-dimensional keys with these norms
+        keys = torch.tensor([[n * scale] for n in norms], dtype=torch.float32)[None, None]
+        assert keys.norm(dim=-1).flatten().tolist() == [n * scale for n in norms]  # the norms are exact in float32
+        return get_strategy("keep_low").score(CacheView(keys, torch.arange(len(norms)).view(1, 1, -1), 0))[0, 0]
+
+    near = 1 + 2**-11
+    tied = low(near, near * (1 + 2**-12))
+    assert tied[0] == tied[1] == -scale  # both round to 512 / 2^10, i.e. 1
+    apart = low(1.0, 1 + 2**-9)
+    assert apart[0] == -scale and apart[1] == -(1 + 2**-9) * scale

@@ -177,3 +177,19 @@ def test_bad_grids_get_one_line(bundle, node, words):
     with pytest.raises(ConfigError) as err:
         get_task({"name": "passkey", **node}).samples(bundle, {}, EvalConfig(), None)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_change_in_accuracy_has_the_paired_bootstrap_interval_written_out():
+    """Trials drawn with replacement, the same draws for the run and the baseline; 2.5th and 97.5th percentiles."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    run = records((rng.random(12) < 0.5).tolist(), [100] * 12)
+    base = records((rng.random(12) < 0.9).tolist(), [100] * 12)
+    m = get_task("passkey").metrics(run, base, n_boot=300, seed=5)
+    draws, resample = [], np.random.default_rng(5)
+    for _ in range(300):
+        counts = resample.multinomial(12, [1 / 12] * 12)
+        a, b = counts @ run.correct.to_numpy(float), counts @ base.correct.to_numpy(float)
+        draws.append(100 * (a / b - 1))
+    assert (m["delta_accuracy_pct_lo"], m["delta_accuracy_pct_hi"]) == pytest.approx(tuple(np.percentile(draws, [2.5, 97.5])))

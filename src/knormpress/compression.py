@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -19,6 +21,7 @@ from knormpress.strategies import CacheView, Strategy, get_strategy
 
 WHEN = ("prefill", "streaming")  # compress.when: prune once after the prompt, or keep within budget while reading
 POSITIONS = ("true", "rerotate")  # see the README, "Positions after pruning"
+log = logging.getLogger("knormpress")
 
 
 @dataclass
@@ -75,6 +78,9 @@ class Compression:
             raise ConfigError(f"skip_layers must be a list of layer indices >= 0, got {self.skip_layers!r}")
         self.skip_layers = tuple(sorted(set(self.skip_layers)))
         self.keep_ratio = float(self.keep_ratio)
+        no_window = self.keep_ratio == 0 or (self.fix_kv_size is not None and self.budget.n_recent == 0)
+        if no_window and (why := self.strategy.without_recent_window()):
+            _advise(f"{self.strategy.label} with keep_ratio={self.keep_ratio:g} keeps no recent window: {why}")
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> Compression:
@@ -162,7 +168,7 @@ class CacheCompressor:
                     "does not hold; run it through knormpress.evaluate or knormpress.run_engine"
                 )
             positions, length = _positions(layer)
-            scores = c.strategy.score(CacheView(layer.keys, positions, idx, last, total))
+            scores = c.strategy.score(CacheView(layer.keys, positions, idx, last, total, length=length))
             keep = select(scores, positions, length, c.budget, c.sort_by_time)
             if total is not None:
                 layer.knorm_attention_sum = total.gather(-1, keep)
@@ -173,6 +179,12 @@ class CacheCompressor:
             layer.knorm_positions = positions.gather(-1, keep)
             layer.knorm_length = length
         return cache
+
+
+@functools.cache
+def _advise(line: str) -> None:
+    """Log a warning once per process (a run builds its compression several times)."""
+    log.warning(line)
 
 
 def _accumulate(previous: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:

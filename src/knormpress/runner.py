@@ -256,5 +256,5 @@ def _name(compression: Compression | None) -> str:
     if compression is None:
         return "baseline"
     c = compression
-    return " ".join([c.strategy.name, f"r={c.keep_ratio:g}"] + ([f"ratio={c.ratio:g}"] if c.ratio is not None else [])
+    return " ".join([c.strategy.label, f"r={c.keep_ratio:g}"] + ([f"ratio={c.ratio:g}"] if c.ratio is not None else [])
                     + ([c.when] if c.when != "streaming" else []))

@@ -4,21 +4,27 @@ A strategy only ranks the *older* tokens (outside the sink and recent window); t
 arithmetic and the selection itself live in `knormpress.eviction`, shared by every strategy.
 A strategy is a small dataclass whose fields are its own settings (built from the `strategy`
 node of a `compress` config), registered once with `@register`.
+
+Every strategy here gets the same recent window of keep_ratio x fix_kv_size newest tokens (and
+n_sink first tokens when asked), which some papers have and others do not: each docstring states
+the paper's formula, where this implementation differs on purpose, and which settings reproduce it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from knormpress.errors import choose
 from knormpress.registry import Registry
 
 REGISTRY: Registry[Strategy] = Registry("strategy")
 STRATEGIES = REGISTRY.classes  # name -> class
 register = REGISTRY.register
+REPEATS = ("seed",)  # settings that repeat a method rather than change it: left out of `Strategy.label`
 
 
 @dataclass
@@ -26,10 +32,13 @@ class CacheView:
     """What a strategy may look at for one layer, right after token t joined the cache.
 
     keys: (batch, kv_heads, n, head_dim) the cached keys as a set; positions: (batch, kv_heads, n)
-    their absolute positions. For strategies with `needs_attention` the engines also fill
-    attention: (batch, q_heads, n) the attention of query t over the cache (itself included), and
-    attention_sum: (batch, kv_heads, n) the attention each cached token has received from every
-    query that saw it while it was cached, summed over the query heads of its KV group.
+    their absolute positions; length: the tokens processed so far, t + 1 (None where no step is
+    meant: the masked engine scores every key of a static strategy at once). For strategies with
+    `needs_attention` the engines also fill attention: (batch, q_heads, n) the attention of query t
+    over the cache (itself included), and attention_sum: (batch, kv_heads, n) the attention each
+    cached token has received from every query that saw it while it was cached, summed over the
+    query heads of its KV group. A cached token was seen by every query from its own position on
+    (an evicted token never comes back), so by length - position queries.
     """
 
     keys: torch.Tensor
@@ -38,6 +47,7 @@ class CacheView:
     attention: torch.Tensor | None = None
     attention_sum: torch.Tensor | None = None
     key_norms: torch.Tensor | None = None  # (batch, kv_heads, n) float32 norms of `keys`, when an engine keeps them
+    length: int | None = None
 
     def norms(self) -> torch.Tensor:
         """(batch, kv_heads, n) float32 L2 norms of the keys: the engine's copy when it keeps one (the
@@ -66,28 +76,68 @@ class Strategy:
         """(batch, kv_heads, n) float32 scores for the cached tokens, higher = keep."""
         raise NotImplementedError
 
+    @property
+    def label(self) -> str:
+        """The name with every setting that differs from its default (seeds aside), e.g.
+        `h2o[normalise=mean]`: what run names and tables show, so variants never share a name."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                   if f.init and f.name not in REPEATS and getattr(self, f.name) != _default(f)]
+        return f"{self.name}[{','.join(changed)}]" if changed else self.name
+
+    def without_recent_window(self) -> str | None:
+        """Why these settings go wrong without a recent window (keep_ratio 0), or None if they do not."""
+        return None
+
+
+def _default(f) -> object:
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+
 
 @register
 @dataclass
 class H2O(Strategy):
-    """H2O, heavy hitters (Zhang et al. 2023): keep the tokens that have received the most
-    attention, summed over every query that saw them while they were cached (per KV head: the
-    sum over the query heads of its group)."""
+    """H2O, heavy hitters (Zhang et al. 2023). The paper scores cached token j after step t by the
+    attention it has accumulated, s_j = sum_{q=j..t} A[q, j] (one score per head), and keeps the
+    heaviest tokens beside a window of the most recent ones (half and half in the paper).
+
+    Here, per KV head, A is summed over the query heads of its group (per head, as published, for
+    models without grouped-query attention); the recent window is keep_ratio x fix_kv_size, so
+    keep_ratio 0.5 is the paper's split. `normalise`: "sum" is the paper's score; "mean" divides it
+    by the number of queries that saw the token, t + 1 - j (kvpress' observed-attention press does
+    so): tokens read early (a prompt's first lines) get no head start from being summed over more
+    queries, and tokens seen by few queries get noisier scores instead. keep_ratio 0 is not H2O:
+    see `without_recent_window`."""
 
     name = "h2o"
     static = False
     needs_attention = True
     needs_attention_sum = True
+    normalise: str = "sum"
+
+    def __post_init__(self) -> None:
+        choose("h2o normalise", self.normalise, ("sum", "mean"))
 
     def score(self, view):
-        return view.attention_sum.float()
+        received = view.attention_sum.float()
+        if self.normalise == "mean":
+            return received / (view.length - view.positions).float()
+        return received
+
+    def without_recent_window(self):
+        if self.normalise == "sum":
+            return ("a new token's score is the one attention weight it has received, far below the sums of older tokens, "
+                    "so it is evicted at once; H2O keeps recent tokens beside its heavy hitters (use keep_ratio > 0)")
+        return None
 
 
 @register
 @dataclass
 class TOVA(Strategy):
-    """TOVA (Oren et al. 2024, transformers are multi-state RNNs): keep the tokens the current
-    query attends to most, averaged over the layer's heads, so every head keeps the same tokens."""
+    """TOVA (Oren et al. 2024, transformers are multi-state RNNs). The paper scores cached token j
+    after step t by the current query's attention averaged over the layer's heads,
+    s_j = mean_h A_h[t, j], and once the cache is full drops the lowest one per step, so every head
+    keeps the same tokens. The paper has no recent window: keep_ratio 0 (with interval 1)
+    reproduces it; keep_ratio > 0 adds this project's shared window."""
 
     name = "tova"
     static = False
@@ -101,17 +151,28 @@ class TOVA(Strategy):
 @register
 @dataclass
 class KeyDiff(Strategy):
-    """KeyDiff (Park et al. 2025): keep the keys least similar (cosine) to the mean of the keys in
-    the cache now; distinctive keys carry what the others do not."""
+    """KeyDiff (Park et al. 2025). Per layer and KV head, over the keys in the cache now:
+    anchor a = mean_j k_j / |k_j|, score s_i = -cos(k_i, a) = -(k_i . a) / (|k_i| |a|); the keys
+    least like the anchor are the distinctive ones, kept. kvpress' KeyDiffPress computes the same.
+    The paper evicts block by block with no recent window: keep_ratio 0 reproduces it, with
+    `interval` the block size (1: token by token). `anchor`: "normalised" is the paper's; "raw"
+    takes the mean of the keys as they are (so high-norm keys dominate it), an earlier variant of
+    this project kept to compare with."""
 
     name = "keydiff"
     static = False
+    anchor: str = "normalised"
+
+    def __post_init__(self) -> None:
+        choose("keydiff anchor", self.anchor, ("normalised", "raw"))
 
     def score(self, view):
-        keys = view.keys.float()
-        # the cosine up to a positive factor per head (1 / (n |mean|)), which leaves the ranking alone
-        # and halves the cost of the replay's per-token step
-        return -torch.linalg.vecdot(keys, keys.sum(dim=-2, keepdim=True)) / view.norms()
+        keys, norms = view.keys.float(), view.norms()
+        if self.anchor == "raw":  # the cosine up to the positive factor 1 / |sum of keys| per head
+            return -torch.linalg.vecdot(keys, keys.sum(dim=-2, keepdim=True)) / norms
+        unit = keys / norms.unsqueeze(-1)
+        anchor = unit.mean(dim=-2, keepdim=True)
+        return -(unit * (anchor / torch.linalg.vector_norm(anchor, dim=-1, keepdim=True))).sum(dim=-1)
 
 
 def get_strategy(spec: str | dict | Strategy) -> Strategy:
@@ -137,7 +198,11 @@ def key_norm(keys: torch.Tensor) -> torch.Tensor:
 @register
 @dataclass
 class KeepLow(Strategy):
-    """KnormPress: keys with a low L2 norm tend to draw high attention, so keep those."""
+    """KnormPress (Devoto et al. 2024): keys with a low L2 norm tend to draw high attention, so the
+    score is s_j = -|k_j| and the lowest-norm keys are kept. The paper (and kvpress' KnormPress)
+    keeps no recent window: keep_ratio 0 reproduces it; the default 0.5 is the seed's mixed
+    retention. Difference: |k_j| is rounded to NORM_BITS significant bits (`key_norm`), so keys whose
+    norms differ only by float noise tie, and ties go to the earlier position."""
 
     name = "keep_low"
 
@@ -148,7 +213,8 @@ class KeepLow(Strategy):
 @register
 @dataclass
 class KeepHigh(Strategy):
-    """The paper's negative control: keep the keys with the highest L2 norm."""
+    """The KnormPress paper's negative control: s_j = +|k_j| (rounded as for keep_low), keep the
+    highest-norm keys."""
 
     name = "keep_high"
 
@@ -159,8 +225,8 @@ class KeepHigh(Strategy):
 @register
 @dataclass
 class RecentOnly(Strategy):
-    """Sliding window: newer is better, so the older slots extend the recent window
-    (identical to keep_ratio = 1)."""
+    """Sliding window: s_j = j, newer is better, so the older slots extend the recent window
+    (identical to keep_ratio = 1, whatever keep_ratio is set)."""
 
     name = "recent_only"
 
@@ -171,7 +237,9 @@ class RecentOnly(Strategy):
 @register
 @dataclass
 class Sinks(RecentOnly):
-    """StreamingLLM: the first `n_sink` tokens plus a sliding window."""
+    """StreamingLLM (Xiao et al. 2024): the first `n_sink` tokens (attention sinks, 4 in the paper)
+    plus a sliding window. The paper places the cached keys at their slots in the cache, not their
+    positions in the text: positions=rerotate reproduces that; positions=true keeps text positions."""
 
     name = "sinks"
     needs_sinks = True

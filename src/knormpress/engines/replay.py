@@ -106,6 +106,7 @@ class _Slots:
         if self.filled < self.n:
             return None
         c = self.c
+        self.view.length = t
         if self.shifting:
             self._evict_and_shift(evict_one(c.strategy.score(self.view), self.positions, t, c.budget)[0])
         elif c.interval == 1 and self.rotary is None and t < self.T - 1:
