@@ -209,25 +209,26 @@ def recording_attention(module, query, key, value, attention_mask, scaling=None,
     positions=rerotate and records, per compressed layer, what attention-based strategies score
     from: the last query's weights (B, Hq, n) and the weights summed over the call's queries and
     each KV group (B, Hkv, n). The cache holds n - q earlier tokens, then this call's q tokens in
-    order, so query i sees keys 0 .. n - q + i. Layers that are not compressed (skipped,
-    sliding-window) run transformers' own SDPA path untouched, or `cache_attention` where the layer
-    caps its logits (SDPA has no cap)."""
+    order, so query i sees keys 0 .. n - q + i. Every layer's output is the model's own attention
+    (transformers' SDPA path, or `cache_attention` where the layer caps its logits, which SDPA
+    cannot), so token by token the logits are those of the uncompressed model's code on the kept
+    cache; the recorded weights are computed beside it."""
     plan = PLAN.get()
     layer, window, softcap = module.layer_idx, kwargs.get("sliding_window"), kwargs.get("softcap")
     refuse_unsupported(kwargs, "streaming")
     compressed = layer not in plan.compression.skip_layers and window is None
     if compressed and plan.rotary is not None:
         query = shift_new_tokens(plan.rotary, query, key, plan.start, layer)
-    if not (compressed and plan.record):
-        if softcap is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        return cache_attention(query, key, value, scaling, window, softcap).transpose(1, 2), None
-    q, n = query.shape[2], key.shape[2]
-    visible = torch.arange(n, device=key.device) <= (n - q) + torch.arange(q, device=key.device).view(-1, 1)
-    w = grouped_weights(query, key, scaling, visible, softcap)
-    out = attend(w, value)
-    plan.recorded[layer] = (w[..., -1, :].flatten(1, 2), w.sum(dim=(2, 3)))
-    return out.transpose(1, 2), None
+    if softcap is None:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    else:
+        out = cache_attention(query, key, value, scaling, window, softcap).transpose(1, 2), None
+    if compressed and plan.record:  # the weights are recorded beside the model's own output, not used for it
+        q, n = query.shape[2], key.shape[2]
+        visible = torch.arange(n, device=key.device) <= (n - q) + torch.arange(q, device=key.device).view(-1, 1)
+        w = grouped_weights(query, key, scaling, visible, softcap)
+        plan.recorded[layer] = (w[..., -1, :].flatten(1, 2), w.sum(dim=(2, 3)))
+    return out
 
 
 AttentionInterface.register(RECORD, recording_attention)
