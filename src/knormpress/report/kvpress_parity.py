@@ -38,7 +38,7 @@ def _setting(row: dict) -> str:
             f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}. kvpress {s['kvpress_versions']['kvpress']} "
             f"(transformers {s['kvpress_versions']['transformers']}): "
             f"`{s['kvpress_press'].replace(row['kvpress'], '<kvpress>')}` with the press of the first column; ours: the "
-            f"token-by-token engine (transformers {s['transformers']}, git {s['git']}). \"our tie rule\": kvpress' "
+            f"token-by-token engine (transformers {s['transformers']}). \"our tie rule\": kvpress' "
             "selection replaced at run time by ours (equal scores go to the earlier position, kept tokens in "
             "time order, KnormPress' norms rounded to 10 significant bits).")
 
