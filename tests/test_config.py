@@ -8,8 +8,12 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from knormpress.config import CONF_DIR, baseline_key, config_hash, flatten, validate
+from hydra.core.config_store import ConfigStore
+
+from knormpress.config import COMPRESS_DEFAULTS, CONF_DIR, baseline_key, config_hash, flatten, validate
 from knormpress.errors import ConfigError
+from knormpress.settings import defaults, settings_of
+from knormpress.spec import Compression
 from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
@@ -51,6 +55,17 @@ def test_every_option_composes_and_validates(group, option):
         assert plain["compress"]["n_sink"] == (4 if option == "sinks" else 0)
     else:  # schema = YAML
         assert plain[group] == OmegaConf.to_container(compose("config", overrides=overrides)[group], resolve=True)
+
+
+def test_the_compress_defaults_come_from_the_spec_and_config_yaml_restates_them():
+    node = yaml.safe_load((CONF_DIR / "config.yaml").read_text())["compress"]
+    names = [s.name for s in settings_of(Compression)]
+    assert set(node) <= set(names)
+    assert Compression(**node) == Compression()  # as the spec reads them (YAML's `positions: true` is "true")
+    stored = ConfigStore.instance().load(f"{COMPRESS_DEFAULTS}.yaml").node  # composed first, so any setting composes
+    assert OmegaConf.to_container(stored) == {"compress": defaults(Compression)}
+    assert list(yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"])[0] == COMPRESS_DEFAULTS
+    assert set(compose("config").compress) == {"strategy", *names}
 
 
 def test_defaults():

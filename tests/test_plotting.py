@@ -9,9 +9,10 @@ import pytest
 from report_data import GEMMA, SMOL, V1, results_dir, tables, two_models
 
 from knormpress.report.claims import load_seed
-from knormpress.report.figures import FIGURES, Palette, save_all
+from knormpress.report.figures import Palette, save_all, task_figures
 from knormpress.report.runs import read_results
 
+FIGURES = task_figures()  # file name -> function, from each task's declared figures
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

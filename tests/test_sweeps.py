@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from knormpress.config import CONF_DIR
@@ -43,7 +44,10 @@ def test_sweep_parent_is_named_from_the_sweep(tmp_path):
 
 
 def test_sweep_parent_comes_with_the_first_job_and_ends_with_a_comparison(tracker, tmp_path):
-    SweepRun().on_multirun_start(sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"]))
+    config = sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"])
+    callback = instantiate(config.hydra.callbacks.mlflow_sweep)  # as Hydra builds it: the figure named in conf/
+    assert callback.figure == "knormpress.report.sweep_figure.sweep_comparison"
+    callback.on_multirun_start(config)
     assert not tracker.search({}, status=None)  # no job has run yet: no parent
     parent = sweep_parent(tmp_path / "sweep", tracker)
     assert sweep_parent(tmp_path / "sweep", tracker) == parent and sweep_parent(tmp_path / "elsewhere", tracker) is None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,6 +23,7 @@ from knormpress.compression import Compression
 from knormpress.engines import pick_engine
 from knormpress.errors import ConfigError, choose
 from knormpress.registry import settings
+from knormpress.settings import defaults
 from knormpress.sources.models import DEVICES, DTYPES, validate_model_spec
 from knormpress.sources.texts import PG19_SPLITS
 from knormpress.sources.texts import SOURCES as DATASET_SOURCES
@@ -30,6 +32,11 @@ from knormpress.tasks import Task, get_task
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 NOT_SEMANTIC = ("tracking", "force", "progress", "cache", "plugins")  # where and how a run is logged, not what it computes
 NO_COMPRESSION = "none"  # the strategy name of the uncompressed baseline
+COMPRESS_DEFAULTS = "compress_defaults"  # conf/config.yaml's first default: every compress setting, from the spec
+
+# every Compression setting with its default, composed before conf/config.yaml's own `compress` node,
+# so a new setting can be overridden (compress.<name>=...) without a line of YAML
+ConfigStore.instance().store(name=COMPRESS_DEFAULTS, node={"compress": defaults(Compression)})
 
 
 @dataclass

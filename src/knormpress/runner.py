@@ -253,8 +253,4 @@ def _library_bars(show: bool) -> Iterator[None]:
 
 
 def _name(compression: Compression | None) -> str:
-    if compression is None:
-        return "baseline"
-    c = compression
-    return " ".join([c.strategy.label, f"r={c.keep_ratio:g}"] + ([f"ratio={c.ratio:g}"] if c.ratio is not None else [])
-                    + ([c.when] if c.when != "streaming" else []))
+    return "baseline" if compression is None else compression.label

@@ -19,7 +19,7 @@ import yaml
 
 from knormpress.errors import ConfigError
 from knormpress.report.effects import (FAILS, HIGHER, HOLDS, LOWER, UNKNOWN_MODEL, UNMEASURABLE, Effect, by_model,
-                                       combine, effect, no_loss, pick, select, trial_effect, verdict)
+                                       combine, effect, no_loss, pick, rows_where, trial_effect, verdict)
 
 SEED_FILE = "seed.yaml"
 DIRECTIONS = {"lower": LOWER, "higher": HIGHER}
@@ -66,7 +66,7 @@ def comparisons(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict[st
         a = pick(exp, **claim["a"])
         return {label: effect(texts, a, pick(exp, **where), metric) for label, where in claim["b"].items()}
     col = claim["each"]
-    values = sorted(select(exp, **claim["a"])[col].dropna().unique().tolist())
+    values = sorted(rows_where(exp, **claim["a"])[col].dropna().unique().tolist())
     return {label.format(v): effect(texts, pick(exp, **claim["a"], **{col: v}), pick(exp, **where, **{col: v}), metric)
             for v in values for label, where in claim["b"].items()}
 
@@ -82,7 +82,7 @@ def _best_in_range(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict
     col, metric, (lo, hi) = claim["column"], claim["metric"], claim["range"]
     word, idx, direction = BEST[claim.get("best", "lowest")]
     symbol = claim.get("symbol", col)
-    rows = select(_runs_of(claim, runs), **claim["runs"]).dropna(subset=[metric])
+    rows = rows_where(_runs_of(claim, runs), **claim["runs"]).dropna(subset=[metric])
     inside = rows[col].between(lo - 1e-9, hi + 1e-9)
     claimed = f"{word} in range"
     if rows.empty:

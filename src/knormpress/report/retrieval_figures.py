@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from knormpress.report.claims import load_seed
-from knormpress.report.effects import pick, select
+from knormpress.report.effects import pick, rows_where
 from knormpress.report.panels import BASELINE, err, model_rows, no_data, palette, per_model, titles
 from knormpress.report.summary import describe
 
@@ -24,7 +24,7 @@ def passkey_accuracy(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed
     seed = seed or load_seed()
     name, color = seed["figures"]["passkey_accuracy"]["experiment"], palette(runs, seed)
     models = per_model(runs, runs[runs.experiment == name])
-    grids = {m: select(own).dropna(subset=["ratio", "accuracy"]) for m, own in models.items()}
+    grids = {m: rows_where(own).dropna(subset=["ratio", "accuracy"]) for m, own in models.items()}
     drawn = {m: own for m, own in models.items() if not grids[m].empty}
     fig, panels = model_rows(drawn, 8, 5.2, ncols=1)
     if not drawn:
@@ -98,5 +98,5 @@ def needle_heatmap(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = 
 def _needle_runs(exp: pd.DataFrame, ratio: float, color) -> list[tuple[str, pd.Series]]:
     """(panel title, run): one model's baseline, then its newest run of each strategy at `ratio`."""
     panels = [(BASELINE, pick(exp, role="baseline"))]
-    panels += [(s, pick(exp, strategy=s, ratio=ratio)) for s in color.ordered(select(exp, ratio=ratio).strategy.dropna())]
+    panels += [(s, pick(exp, strategy=s, ratio=ratio)) for s in color.ordered(rows_where(exp, ratio=ratio).strategy.dropna())]
     return [(label, run) for label, run in panels if run is not None]

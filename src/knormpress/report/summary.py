@@ -18,11 +18,11 @@ from knormpress.metrics import LEVEL, N_BOOT
 from knormpress.report.agreement import engine_lines
 from knormpress.report.kvpress_parity import parity_block
 from knormpress.report.claims import claims, load_seed, notes, rule_lines
-from knormpress.report.effects import IDENTICAL_RTOL, UNKNOWN_MODEL, by_model, effect, pick, select
-from knormpress.report.runs import RUNNER_METRICS, metric_columns
+from knormpress.report.effects import IDENTICAL_RTOL, UNKNOWN_MODEL, by_model, effect, pick, rows_where
+from knormpress.report.runs import HEAD, RUNNER_METRICS, metric_columns, task_class
 
-COMPRESS = ["strategy", "keep_ratio", "fix_kv_size", "ratio", "when", "sort_by_time", "n_sink", "skip_layers", "positions",
-            "interval"]
+LEAD = ["strategy", "keep_ratio", "fix_kv_size", "ratio", "when"]  # the budget, shown first; then the other settings
+COMPRESS = LEAD + [c for c in HEAD[HEAD.index("strategy"):] if c not in LEAD]  # in the tables' column order
 SETTINGS = COMPRESS + ["task", "model", "dataset", "max_tokens", "n_samples", "eval_seed"]
 
 
@@ -53,11 +53,12 @@ def describe(runs: pd.DataFrame) -> str:
     def values(col: str) -> str:
         return "/".join(sorted({str(v) for v in runs[col].dropna()})) or "?"
 
-    if pd.isna(ref.n_texts) and not pd.isna(ref.get("n_trials", float("nan"))):  # retrieval: prompts, not texts
-        return f"{values('model')} on {values('dataset')}, {int(ref.n_trials)} prompts per run"
-    n_texts = "?" if pd.isna(ref.n_texts) else f"{int(ref.n_texts)}"
-    n_tokens = "?" if pd.isna(ref.n_tokens) else f"{int(ref.n_tokens):,}"
-    return f"{values('model')} on {values('dataset')}, {n_texts} texts, {n_tokens} predicted tokens per run"
+    def count(metric: str) -> str:
+        value = ref.get(metric)
+        return "?" if value is None or pd.isna(value) else f"{int(value):,}"
+
+    read = ", ".join(f"{count(m)} {words}" for m, words in task_class(ref.get("task")).sizes.items())
+    return f"{values('model')} on {values('dataset')}, {read} per run"
 
 
 def _by_experiment(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -73,7 +74,7 @@ def _suffix(model: str, models: dict) -> str:
 
 def strategy_table(runs: pd.DataFrame, keep_ratio: float, seed_rows: dict) -> pd.DataFrame:
     """Baseline and every strategy at `keep_ratio`, ours (95% CI) beside the seed's number."""
-    at_ratio = select(runs, keep_ratio=keep_ratio)
+    at_ratio = rows_where(runs, keep_ratio=keep_ratio)
     names = list(seed_rows) + sorted(set(at_ratio.strategy.dropna()) - set(seed_rows))
     out = []
     for name in names:
@@ -127,12 +128,12 @@ def _model_tables(runs: pd.DataFrame, seed: dict) -> list[tuple[str, pd.DataFram
     for number, spec in enumerate(seed["tables"], 1):
         name, ratio = spec.get("experiment"), spec.get("keep_ratio")
         if name is None:
-            name = next((n for n, r in by_exp.items() if not select(r, keep_ratio=ratio).empty), None)
+            name = next((n for n, r in by_exp.items() if not rows_where(r, keep_ratio=ratio).empty), None)
         where = f"experiment `{name}`" if name else f"not run, no preset uses keep_ratio {ratio:g}"
         note = f"seed: {spec['note']}; ours: " if "note" in spec else ""
         exp = by_exp.get(name, runs.iloc[:0])
         if spec["kind"] == "grid":  # no strategies named: every compressed one
-            strategies = spec.get("strategies") or sorted(select(exp).strategy.dropna().unique())
+            strategies = spec.get("strategies") or sorted(rows_where(exp).strategy.dropna().unique())
             table = grid_table(exp, strategies, spec["seed"])
         else:
             table = strategy_table(exp, ratio, spec["seed"])
@@ -151,7 +152,7 @@ def sweep_table(runs: pd.DataFrame, texts: pd.DataFrame, spec: dict) -> pd.DataF
     exp, col = runs[runs.experiment == spec["experiment"]], spec["column"]
     ref = pick(exp, **{col: spec["reference"]})
     out = []
-    for value in sorted(select(exp)[col].dropna().unique().tolist()):
+    for value in sorted(rows_where(exp)[col].dropna().unique().tolist()):
         r = pick(exp, **{col: value})
         row = {col: _num(value), "PPL [95% CI]": _fmt(r.ppl, r.ppl_lo, r.ppl_hi),
                "Acc % [95% CI]": _fmt(r.accuracy, r.accuracy_lo, r.accuracy_hi, scale=100)}

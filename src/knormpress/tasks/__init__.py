@@ -6,7 +6,11 @@ records (its own and, for deltas, the baseline's) into metrics. Everything downs
 tracking, export, figures, summary) handles any task through these records and metrics.
 Optional hooks, with defaults: `histories` (curves along the samples, logged as MLflow metric
 histories), `dataset_info` (what the run read, logged as an MLflow dataset input), `key_metrics`
-(what a sweep's comparison figure shows) and `headline` (the one-line result).
+(what a sweep's comparison figure shows) and `headline` (the one-line result). What the report
+needs to know of a task is declared on its class: `columns` (its metrics in table order), `sizes`
+(what a run read, its sample unit first), `setting` (the compression its headline numbers are
+read at) and `figures` (the functions that draw it). This package imports no torch at load, so
+the report can read these declarations: a task imports the engines inside `run`.
 A new task is one `@register_task` dataclass; `lm` (perplexity, next-token accuracy) is the first.
 """
 
@@ -52,6 +56,11 @@ class Task:
 
     name: ClassVar[str]
     key_metrics: ClassVar[tuple[str, ...]] = ()  # a sweep's comparison figure shows these (default: the first metric)
+    columns: ClassVar[tuple[str, ...]] = ()  # its metrics in table order (fnmatch patterns); others follow by name
+    sizes: ClassVar[dict[str, str]] = {"n_texts": "texts", "n_tokens": "predicted tokens"}  # what a run read: count
+    # metric -> its words, the sample unit first (the report's "3 texts, 9,000 predicted tokens per run")
+    setting: ClassVar[dict[str, Any]] = {}  # the compress settings (over the spec's defaults) of its headline numbers
+    figures: ClassVar[tuple[str, ...]] = ()  # "module:function" that draw its figures, each to <function>.png
 
     def check(self, compression: Any, ev: Any) -> None:
         """Refuse a compression or eval setting this task cannot run, before any model loads."""
