@@ -11,7 +11,7 @@ from knormpress.fingerprint import sources
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "knormpress"
 PRESENTATION = {"agreement.py", "claims.py", "effects.py", "figures.py", "labels.py", "panels.py", "retrieval_figures.py",
-                "summary.py", "seed.yaml", "kvpress_parity.py"}  # report/ only
+                "summary.py", "claims.yaml", "kvpress_parity.py", "sweep_figure.py"}  # report/ only
 TOOLS = PACKAGE / "parity"  # the kvpress parity check: scripts/kvpress_parity.py runs it, no job imports it
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 from report_data import GEMMA, SMOL, V1, interval_sweep, results_dir, tables, two_models
 
-from knormpress.report.claims import load_seed
+from knormpress.report.claims import load_claims
 from knormpress.report.runs import read_results, tidy
 from knormpress.report.summary import describe, seed_tables, summary_markdown, sweep_table
 
@@ -60,7 +60,7 @@ def test_v1_results_give_the_v1_summary_plus_the_runs_section():
 
 def test_the_interval_sweep_gives_ppl_effects_and_peak_memory():
     runs, texts = tables(interval_sweep())
-    table = sweep_table(runs, texts, load_seed()["sweeps"][0])
+    table = sweep_table(runs, texts, load_claims()["sweeps"][0])
     assert table.columns.tolist() == ["interval", "PPL [95% CI]", "Acc % [95% CI]", "dPPL % vs interval=1",
                                       "dAcc % vs interval=1", "kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak"]
     assert table.interval.tolist() == ["1", "16", "64"]

@@ -1,8 +1,8 @@
 """The seed's four figures (the `lm` task's, `Task.figures`), drawn from the tidy run tables (never
 from the seed's numbers); `save_all` draws every registered task's figures.
 
-Which experiment and keep_ratio each figure shows comes from `seed.yaml` (figures:); strategies
-come from the runs: those named in seed.yaml keep their colour, others take palette colours in
+Which experiment and keep_ratio each figure shows comes from `claims.yaml` (figures:); strategies
+come from the runs: those named in claims.yaml keep their colour, others take palette colours in
 sorted order. Each model that has runs for a figure gets its own row of panels (`panels.model_rows`,
 models in `effects.by_model` order); with one model a figure looks as it always did. The notebook
 shows the same PNGs the pipeline writes.
@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import Bbox
 
-from knormpress.report.claims import improvements, load_seed
+from knormpress.report.claims import improvements, load_claims
 from knormpress.report.effects import pick, rows_where
 from knormpress.report.labels import place_labels
 from knormpress.report.panels import (BASELINE, CI_LABEL, METRICS, Palette, err, model_rows, no_data, palette, per_model,
@@ -53,10 +53,10 @@ def _at_ratio(exp: pd.DataFrame, ratio: float, color: Palette) -> pd.DataFrame:
                                                                 for s in strategies])
 
 
-def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
     """PPL and accuracy per strategy at one keep_ratio, baseline included."""
-    seed = seed or load_seed()
-    config, color = seed["figures"]["strategy_comparison"], palette(runs, seed)
+    claims = claims or load_claims()
+    config, color = claims["figures"]["strategy_comparison"], palette(runs, claims)
     name, ratio = config["experiment"], config["keep_ratio"]
     fig, panels, tables = _experiment_rows(runs, name, lambda own: _at_ratio(own, ratio, color), 4.6)
     if not panels:
@@ -85,10 +85,10 @@ def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, s
     return fig
 
 
-def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
     """PPL and accuracy against keep_ratio for every strategy of one experiment, baseline as a band."""
-    seed = seed or load_seed()
-    name, color = seed["figures"]["keep_ratio_analysis"]["experiment"], palette(runs, seed)
+    claims = claims or load_claims()
+    name, color = claims["figures"]["keep_ratio_analysis"]["experiment"], palette(runs, claims)
     fig, panels, grids = _experiment_rows(runs, name, lambda own: rows_where(own).dropna(subset=["keep_ratio"]), 5.2)
     if not panels:
         return no_data(fig, f"no compressed runs with {'/'.join(METRICS)} in experiment '{name}'")
@@ -125,10 +125,10 @@ def _label(run: pd.Series) -> str:
     return text
 
 
-def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
     """Delta PPL % against delta accuracy % vs the baseline, one point per distinct config of any
     experiment, one panel per model."""
-    color = palette(runs, load_seed() if seed is None else seed)
+    color = palette(runs, load_claims() if claims is None else claims)
     exp = rows_where(runs).dropna(subset=["delta_ppl_pct", "delta_accuracy_pct"])
     exp = exp.drop_duplicates(["strategy", "keep_ratio", "sort_by_time", "n_sink", "fix_kv_size", "model", "dataset"])
     exp = exp.assign(label=[_label(r) for _, r in exp.iterrows()])
@@ -185,21 +185,21 @@ def _tradeoff_labels(ax, exp: pd.DataFrame, color: Palette) -> None:
                  [color(s) for s in points.strategy], markers, bars)
 
 
-def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> Figure:
+def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> Figure:
     """The seed's claimed improvements as paired effects with 95% CIs beside the claimed ranges,
     one row per model that ran their experiments."""
-    seed = seed or load_seed()
-    measured = runs[runs.experiment.isin({c["experiment"] for c in seed["claims"] if "improvement" in c})]
-    items, models = improvements(measured, texts, seed), per_model(runs, measured)
+    claims = claims or load_claims()
+    measured = runs[runs.experiment.isin({c["experiment"] for c in claims["claims"] if "improvement" in c})]
+    items, models = improvements(measured, texts, claims), per_model(runs, measured)
     fig, panels = model_rows(models or {i["model"]: measured for i in items[:1]}, 11, 4.2)  # no runs: one row
     if not items:
-        return no_data(fig, "seed.yaml names no improvement claims")
+        return no_data(fig, "claims.yaml names no improvement claims")
     for model, _, _, axes in panels:
         _improvement_row(axes, [i for i in items if i["model"] == model])
     panels[-1].holder.legend(handles=[
         Line2D([], [], color="tab:blue", marker="o", label=f"measured (paired {CI_LABEL})"),
         Patch(color="gold", alpha=0.4, label="seed's claimed range")], loc="outside lower center", ncols=2, fontsize=8)
-    title = seed["figures"].get("improvement_summary", {}).get("title", "The seed's improvements")
+    title = claims["figures"].get("improvement_summary", {}).get("title", "The seed's improvements")
     titles(fig, panels, title, describe, sep="\n")
     return fig
 
@@ -245,13 +245,13 @@ def task_figures() -> dict[str, Callable[..., Figure]]:
 
 
 def save_all(runs: pd.DataFrame, texts: pd.DataFrame, out_dir: str | Path = "results",
-             seed: dict | None = None) -> list[Path]:
+             claims: dict | None = None) -> list[Path]:
     """Write every task's figures; a figure whose runs are missing says so instead of failing."""
-    seed = seed or load_seed()
+    claims = claims or load_claims()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in task_figures().items():
-        draw(runs, texts, seed).savefig(out / name, dpi=150)
+        draw(runs, texts, claims).savefig(out / name, dpi=150)
         paths.append(out / name)
     return paths
