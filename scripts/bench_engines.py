@@ -109,7 +109,7 @@ def main() -> None:
     args = p.parse_args()
 
     bundle = load_model(load_model_config(args.model), dtype=args.dtype)
-    samples = load_samples({"source": args.dataset}, bundle.tokenizer, bundle.name, n_samples=args.n_samples,
+    samples = load_samples(args.dataset, bundle.tokenizer, bundle.name, n_samples=args.n_samples,
                            max_tokens=args.max_tokens, start_offset=0, seed=0)
     lines = []
     for name in args.strategy:

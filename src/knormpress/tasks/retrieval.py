@@ -26,7 +26,7 @@ import pandas as pd
 
 from knormpress.errors import ConfigError
 from knormpress.metrics import interval, resample_texts, wilson
-from knormpress.tasks import DatasetInfo, Outcome, Task, register_task, text_source
+from knormpress.tasks import DatasetInfo, Outcome, Task, register_task
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +81,7 @@ class Retrieval(Task):
         """(key, the sentence that holds it, the question that asks for it)."""
         raise NotImplementedError
 
-    def fillers(self, bundle: Any, dataset: dict, ev: Any, cache: Any, need: int) -> list[list[int]]:
+    def fillers(self, bundle: Any, dataset: Any, ev: Any, cache: Any, need: int) -> list[list[int]]:
         """Filler token ids per trial, at least `need` long."""
         raise NotImplementedError
 
@@ -132,9 +132,9 @@ class Retrieval(Task):
         return DatasetInfo(name, source_type, source, {"prompts": sum(len(s.trials) for s in samples),
                                                        "tokens": sum(s.input_ids.numel() for s in samples)})
 
-    def source(self, dataset: dict) -> tuple[str, str, dict[str, Any]]:
+    def source(self, dataset: Any) -> tuple[str, str, dict[str, Any]]:
         """Name, MLflow source type and source of the filler (default: the dataset's texts)."""
-        return text_source(dataset)
+        return dataset.source()
 
     def run(self, model, sample, compression, engine, progress):
         from knormpress.engines.prompt import generate
