@@ -14,6 +14,7 @@ from report_data import GEMMA, SMOL, V1, interval_sweep, results_dir, tables, tw
 
 from knormpress.report.claims import load_claims
 from knormpress.report.runs import read_results, tidy
+from knormpress.report.figures import task_figures
 from knormpress.report.summary import describe, seed_tables, summary_markdown, sweep_table
 
 ROOT = Path(__file__).parents[1]
@@ -156,21 +157,19 @@ def test_report_modules_load_without_torch_or_mlflow():
 
 def test_dvc_pipeline_wires_exports_into_plots():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    each = stages["experiment"]  # one foreach stage: experiment@<preset> for each key
     exported = set()
-    for name in ("strategies", "keep_ratio", "ablations", "interval"):
-        assert f"experiment={name}" in stages[name]["cmd"] and f"--experiment {name}" in stages[name]["cmd"]
-        exported |= {next(iter(o)) if isinstance(o, dict) else o for o in stages[name]["outs"]}
-    retrieval = set()
-    for name in ("passkey", "needle"):
-        assert f"experiment={name}" in stages[name]["cmd"] and f"--experiment {name}" in stages[name]["cmd"]
-        retrieval |= {next(iter(o)) for o in stages[name]["outs"]}
+    for name in each["foreach"]:
+        cmd = each["do"]["cmd"].replace("${key}", name)
+        assert f"experiment={name}" in cmd and f"--experiment {name}" in cmd
+        exported |= {next(iter(o)).replace("${key}", name) for o in each["do"]["outs"]}
+    assert {"strategies", "keep_ratio", "ablations", "interval", "passkey", "needle"} <= set(each["foreach"])
     deps = set(stages["plots"]["deps"])
-    assert exported | retrieval <= deps and "src/knormpress/report" in deps
-    assert all((ROOT / d).exists() or d in exported | retrieval for d in deps)  # a stage builds what is not committed yet
+    assert exported <= deps and {p for p in exported if "per_text" not in p} <= set(stages["metrics"]["deps"])
+    assert "src/knormpress/report" in deps and "src/knormpress/tasks" in deps
+    assert all((ROOT / d).exists() or d in exported for d in deps)  # a stage builds what is not committed yet
     outs = {next(iter(o)) for o in stages["plots"]["outs"] + stages["plots"].get("plots", [])}  # figures are DVC plots
-    assert {f"results/{f}.png" for f in ("strategy_comparison", "keep_ratio_analysis", "ppl_accuracy_tradeoff",
-                                          "improvement_summary", "passkey_accuracy", "needle_heatmap")} | {
-        "results/summary.md"} == outs
+    assert {f"results/{name}" for name in task_figures()} | {"results/summary.md"} == outs  # every task's figures
 
 
 def test_the_setup_quotes_the_engines_float32_agreement(tmp_path):
