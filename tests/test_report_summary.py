@@ -148,7 +148,9 @@ def test_make_summary_script_writes_where_told(tmp_path):
 
 
 def test_report_modules_load_without_torch_or_mlflow():
+    """Nor does reading the exports, which reads the spec's settings and the tasks' declarations."""
     code = ("import sys, knormpress.report.runs, knormpress.report.summary, knormpress.report.figures; "
+            f"knormpress.report.runs.read_results({str(V1)!r}); knormpress.report.figures.task_figures(); "
             "print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -21,7 +21,7 @@ _HOME = {  # public name -> module that defines it
     "pooled": "metrics",
     "summarize": "metrics",
     "Dataset": "sources.datasets",
-    "Document": "sources.texts",
+    "Document": "sources.datasets",
     "register_dataset": "sources.datasets",
     "CacheView": "strategies",
     "STRATEGIES": "strategies",

