@@ -12,7 +12,7 @@ from report_data import BASE_ACCURACY, BASE_PPL, DESIGN_TAGS, N_TOKENS, V1, buil
 
 from knormpress.errors import ConfigError
 from knormpress.report import runs as report_runs
-from knormpress.report.runs import IDENTITY, export, load_all, load_runs, load_texts, read_results, tidy
+from knormpress.report.runs import HEAD, IDENTITY, export, load_all, load_runs, load_texts, read_results, tidy
 
 
 def test_tidy_types_orders_and_keeps_unknown_metrics():
@@ -29,7 +29,8 @@ def test_tidy_types_orders_and_keeps_unknown_metrics():
     cols = df.columns.tolist()
     assert cols[:14] == ["run_id", "experiment", "role", "task", "strategy", "keep_ratio", "fix_kv_size",
                          "sort_by_time", "n_sink", "skip_layers", "positions", "interval", "ratio", "when"]
-    assert cols[14:17] == ["ppl", "ppl_lo", "ppl_hi"] and cols[-13] == "model" and cols[-1] == "start_time"
+    assert cols[:len(HEAD)] == HEAD  # later settings follow `when`, in Compression's field order
+    assert cols[len(HEAD):len(HEAD) + 3] == ["ppl", "ppl_lo", "ppl_hi"] and cols[-13] == "model" and cols[-1] == "start_time"
     assert cols[cols.index("wall_s") + 1:cols.index("model")] == ["bleu", "f1"]  # other metrics: sorted, after known
     c = df.set_index("run_id").loc["c"]
     assert c.keep_ratio == 0.5 and c.sort_by_time is not pd.NA and not c.sort_by_time

