@@ -17,7 +17,9 @@ one-pass run per text (seconds) and ~2% of the streaming time, left out of `stre
 `--no-kept-sets` skips it.
 
 Example: python scripts/bench_engines.py --strategy keep_low h2o tova keydiff
-(add --positions rerotate or --interval 64 for the other position policy and a pruning interval)
+(add --positions rerotate or --interval 64 for the other position policy and a pruning interval; every
+compress setting has its flag, from knormpress.spec.Compression; a strategy variant is its label,
+e.g. "h2o[normalise=mean]")
 The study's bound: python scripts/bench_engines.py --n-samples 3 --out results/engine_agreement.jsonl
 """
 
@@ -34,8 +36,10 @@ import torch
 from knormpress import Compression, evaluate
 from knormpress.engines import pick_engine
 from knormpress.engines.agreement import Comparison, compare_engines
+from knormpress.settings import add_flags, from_flags
 from knormpress.sources import load_samples
 from knormpress.sources.models import DTYPES, load_model, load_model_config
+from knormpress.strategies import REGISTRY
 
 
 def seconds(fn) -> tuple[float, object]:
@@ -95,12 +99,8 @@ def main() -> None:
     p.add_argument("--dataset", default="gutenberg")
     p.add_argument("--n-samples", type=int, default=1, help="texts (the study uses 3)")
     p.add_argument("--max-tokens", type=int, default=3000)
-    p.add_argument("--fix-kv-size", type=int, default=512)
-    p.add_argument("--keep-ratio", type=float, default=0.5)
-    p.add_argument("--strategy", nargs="+", default=["keep_low"])
-    p.add_argument("--skip-layers", type=int, nargs="*", default=[0, 1], help="no values: compress every layer")
-    p.add_argument("--positions", default="true", help="true | rerotate: where kept keys sit after pruning")
-    p.add_argument("--interval", type=int, default=1, help="prune back to the budget every N tokens")
+    p.add_argument("--strategy", nargs="+", default=["keep_low"], help="names or labels, e.g. keydiff[anchor=raw]")
+    add_flags(p, Compression)  # --fix-kv-size, --keep-ratio, --skip-layers (no values: every layer), --positions, ...
     p.add_argument("--no-streaming", dest="streaming", action="store_false", help="skip the slow reference")
     p.add_argument("--no-kept-sets", dest="kept_sets", action="store_false",
                    help="do not count kept-set differences between the engines")
@@ -109,17 +109,14 @@ def main() -> None:
     args = p.parse_args()
 
     bundle = load_model(load_model_config(args.model), dtype=args.dtype)
-    samples = load_samples({"source": args.dataset}, bundle.tokenizer, bundle.name, n_samples=args.n_samples,
+    samples = load_samples(args.dataset, bundle.tokenizer, bundle.name, n_samples=args.n_samples,
                            max_tokens=args.max_tokens, start_offset=0, seed=0)
     lines = []
     for name in args.strategy:
-        comp = Compression(name, args.fix_kv_size, args.keep_ratio, args.skip_layers, positions=args.positions,
-                           interval=args.interval)
+        comp = from_flags(args, Compression, strategy=REGISTRY.node(name))
         out = {"model": bundle.name, "dtype": args.dtype, "dataset": args.dataset, "texts": len(samples),
                "tokens": [len(s.input_ids) for s in samples], "threads": torch.get_num_threads(), "git": git_commit(),
-               "compress": comp.to_dict(), "strategy": name, "fix_kv_size": args.fix_kv_size,
-               "keep_ratio": args.keep_ratio, "positions": comp.positions, "interval": comp.interval,
-               "onepass_engine": pick_engine("auto", comp)}
+               "compress": comp.to_dict(), "strategy": comp.strategy.label, "onepass_engine": pick_engine("auto", comp)}
         out["forward_s"], out["onepass_s"] = timed(bundle.model, samples, comp)
         out["overhead_vs_forward"] = round(out["onepass_s"] / out["forward_s"], 3)
         if args.streaming and out["onepass_engine"] != "streaming":

@@ -14,7 +14,7 @@ from knormpress.sources import cache_dir, load_model, load_model_config, load_sa
 def prepare(model: str, cache: str | None, n_samples: int, max_tokens: int) -> float:
     start = time.perf_counter()
     bundle = load_model(load_model_config(model), cache=cache)
-    load_samples({"source": "gutenberg"}, bundle.tokenizer, bundle.name, n_samples=n_samples,
+    load_samples("gutenberg", bundle.tokenizer, bundle.name, n_samples=n_samples,
                  max_tokens=max_tokens, start_offset=0, seed=0, cache=cache)
     return time.perf_counter() - start
 

@@ -69,7 +69,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                           "use model smollm2_135m or gemma3_270m")
     torch.set_num_threads(args.threads)
     bundle = load_model(spec, dtype="float32")
-    sample = load_samples({"source": "gutenberg"}, bundle.tokenizer, bundle.name, n_samples=1,
+    sample = load_samples("gutenberg", bundle.tokenizer, bundle.name, n_samples=1,
                           max_tokens=args.max_tokens, start_offset=0, seed=0)[0]
     rows, versions = compare_with_kvpress(bundle.model, converted_dir(spec["name"], spec["source"], cache_dir()),
                                           sample.input_ids, args.press, args.fix_kv_size, args.kvpress_python,

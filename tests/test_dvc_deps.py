@@ -6,12 +6,12 @@ from pathlib import Path
 
 import yaml
 
-from knormpress.fingerprint import sources
+from knormpress.fingerprint import experiment_stages, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "knormpress"
 PRESENTATION = {"agreement.py", "claims.py", "effects.py", "figures.py", "labels.py", "panels.py", "retrieval_figures.py",
-                "summary.py", "seed.yaml", "kvpress_parity.py"}  # report/ only
+                "summary.py", "claims.yaml", "kvpress_parity.py", "sweep_figure.py"}  # report/ only
 TOOLS = PACKAGE / "parity"  # the kvpress parity check: scripts/kvpress_parity.py runs it, no job imports it
 
 
@@ -27,8 +27,8 @@ def covered(path: Path, deps: list[str]) -> bool:
 def test_every_module_that_runs_a_job_is_a_dependency_of_every_experiment_stage():
     modules = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts]
     runs = [p for p in modules if not (p.parent.name == "report" and p.name in PRESENTATION) and TOOLS not in p.parents]
-    experiments = {name: s for name, s in stages().items() if "run.py" in s["cmd"]}
-    assert len(experiments) >= 3
+    experiments = experiment_stages()
+    assert list(experiments) == ["experiment"]  # one foreach stage runs every preset
     for name, stage in experiments.items():
         missing = [p.relative_to(ROOT).as_posix() for p in runs if not covered(p, stage["deps"])]
         assert not missing, f"stage {name} does not depend on {missing}"
@@ -36,8 +36,12 @@ def test_every_module_that_runs_a_job_is_a_dependency_of_every_experiment_stage(
 
 
 def test_every_experiment_stage_shares_the_one_list_the_fingerprint_reads():
-    experiments = [s for s in stages().values() if "run.py" in s["cmd"]]
-    assert all(s["deps"] == sources() for s in experiments)
+    assert [s["deps"] for s in experiment_stages().values()] == [sources()]
+
+
+def test_the_experiment_stage_runs_every_preset_but_the_hub_one():
+    presets = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
+    assert set(stages()["experiment"]["foreach"]) == presets - {"paper"}  # paper needs the HuggingFace Hub
 
 
 def test_the_plots_stage_depends_on_the_whole_report():

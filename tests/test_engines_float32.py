@@ -53,7 +53,7 @@ class _OneText:
         """~5 min on 1 thread, nearly all of it the streaming pass."""
         from knormpress.sources import load_samples
 
-        samples = load_samples({"source": "gutenberg"}, smollm2.tokenizer, smollm2.name, n_samples=N_TEXTS,
+        samples = load_samples("gutenberg", smollm2.tokenizer, smollm2.name, n_samples=N_TEXTS,
                                max_tokens=N_TOKENS, start_offset=0, seed=0)
         return compare_engines(smollm2.model, samples[self.text].input_ids, DEFAULT)
 

@@ -7,8 +7,9 @@ import pytest
 from nbclient import NotebookClient
 from report_data import build_store
 
-from knormpress.report.figures import FIGURES
+from knormpress.report.figures import task_figures
 
+FIGURES = task_figures()
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "analysis.ipynb"
 
 

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from report_data import GEMMA, SMOL, V1, results_dir, tables, two_models
 
-from knormpress.report.claims import load_seed
-from knormpress.report.figures import FIGURES, Palette, save_all
+from knormpress.report.claims import load_claims
+from knormpress.report.figures import Palette, save_all, task_figures
 from knormpress.report.runs import read_results
 
+FIGURES = task_figures()  # file name -> function, from each task's declared figures
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -108,7 +109,7 @@ def test_unknown_strategies_and_other_tasks(tmp_path, with_v1):
 
 
 def test_palette_keeps_known_colours_and_orders_the_rest():
-    config = load_seed()["figures"]
+    config = load_claims()["figures"]
     palette = Palette(["zeta", "keep_low", "alpha", "random"], config)
     assert palette("keep_low") == "tab:blue" and palette("random") == "tab:green"
     assert (palette("alpha"), palette("zeta")) == tuple(config["palette"][:2])  # sorted order, whatever the input

@@ -1,7 +1,8 @@
-"""The recipes README gives: a new strategy (with a setting of its own) and a new task are one
-class plus one YAML, written outside the package, and they run through run.py, the export, the
-figures and the summary with no edit to any other file."""
+"""The recipes README gives: a new strategy (with a setting of its own), a new task and a new dataset
+are one class plus one YAML, written outside the package, and they run through run.py, the export,
+the figures and the summary with no edit to any other file."""
 
+import json
 import os
 import random
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch.nn.functional as F
 
-from knormpress import Outcome, Strategy, Task, register, register_task, run_engine
+from knormpress import Dataset, Document, Outcome, Strategy, Task, register, register_dataset, register_task, run_engine
 from knormpress.strategies import key_norm
 
 
@@ -54,24 +56,43 @@ class HalfNLL(Task):
     def metrics(self, records, baseline, n_boot, seed):
         sums = records.groupby("half")[["nll_sum", "n"]].sum()
         return {"nll_first": sums.nll_sum[1] / sums.n[1], "nll_second": sums.nll_sum[2] / sums.n[2]}
+
+
+@register_dataset
+@dataclass
+class Phrases(Dataset):
+    """`n_texts` texts, each one phrase said over and over."""
+
+    name = "phrases"
+    phrase: str = "the sky is blue"
+    n_texts: int = 3
+
+    def documents(self, cache):
+        return iter(Document(f"p{i}", f"phrase {i}", f"{i}: " + " ".join([self.phrase] * 50)) for i in range(self.n_texts))
+
+    def source(self):
+        return self.name, "local", {"uri": f"phrases:{self.phrase}"}
 '''
 
 
 @pytest.fixture
 def plugin(tmp_path, empty_db) -> dict:
-    """A plugin module and its two YAML files in tmp_path, an empty MLflow store, and three texts."""
+    """A plugin module and its three YAML files in tmp_path, an empty MLflow store, and three texts."""
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
     (tmp_path / "conf" / "compress").mkdir(parents=True)
     (tmp_path / "conf" / "task").mkdir()
+    (tmp_path / "conf" / "dataset").mkdir()
     (tmp_path / "conf" / "compress" / "near_norm.yaml").write_text("strategy:\n  name: near_norm\n  target: 2.0\n")
     (tmp_path / "conf" / "task" / "half_nll.yaml").write_text("name: half_nll\n")
+    (tmp_path / "conf" / "dataset" / "phrases.yaml").write_text("name: phrases\nphrase: the grass is green\nn_texts: 3\n")
     rng = random.Random(0)
     (tmp_path / "texts").mkdir()
     for i in range(3):
         words = " ".join(rng.choice(["the", "sky", "is", "blue", "grass", "green", "sun"]) for _ in range(80))
         (tmp_path / "texts" / f"t{i}.txt").write_text(words)
     shutil.copy(empty_db, tmp_path / "mlflow.db")
-    return {"dir": tmp_path, "env": os.environ | {"CI": "1", "PYTHONPATH": str(tmp_path)},
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)  # the plugin, then the caller's
+    return {"dir": tmp_path, "env": os.environ | {"CI": "1", "PYTHONPATH": path},
             "uri": f"sqlite:///{tmp_path}/mlflow.db"}
 
 
@@ -117,3 +138,27 @@ def test_a_new_task(plugin):
     assert len(compressed) == 2 and all({"nll_first", "nll_second", "kv_tokens_peak"} <= set(r.data.metrics) for r in compressed)
     assert {r.data.tags["knormpress.task"] for r in compressed} == {"half_nll"}
     assert "nll_second" in summary and "near_norm" in summary
+
+
+@pytest.mark.slow
+def test_a_new_dataset(plugin):
+    tmp = plugin["dir"]
+    run(plugin, str(ROOT / "run.py"), f"hydra.searchpath=[file://{tmp}/conf]", "plugins=[my_plugin]", "model=tiny_random",
+        "dataset=phrases", "dataset.n_texts=4", "eval.max_tokens=100", "eval.n_samples=2", "compress.fix_kv_size=24",
+        "eval.n_boot=50", f"tracking.uri={plugin['uri']}", "tracking.experiment=words", f"cache={tmp}/cache",
+        f"hydra.run.dir={tmp}/out")
+    client = MlflowClient(plugin["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("words").experiment_id], "")
+    assert len(runs) == 2  # the baseline and keep_low, both on the phrases
+    for r in runs:
+        assert (r.data.params["dataset.name"], r.data.params["dataset.phrase"], r.data.params["dataset.n_texts"]) == (
+            "phrases", "the grass is green", "4")
+        (given,) = r.inputs.dataset_inputs
+        assert (given.dataset.name, json.loads(given.dataset.source)) == ("phrases", {"uri": "phrases:the grass is green"})
+        assert json.loads(given.dataset.profile) == {"texts": 2, "tokens": 200}
+    run(plugin, str(ROOT / "scripts" / "export_results.py"), "--experiment", "words", "--tracking-uri", plugin["uri"],
+        "--out", str(tmp / "results"))
+    exported = pd.read_csv(tmp / "results" / "words.csv")
+    assert exported.dataset.tolist() == ["phrases", "phrases"] and set(exported.strategy) == {"none", "keep_low"}
+    texts = pd.read_csv(tmp / "results" / "per_text" / "words.csv")
+    assert set(texts.text_id) <= {"p0", "p1", "p2", "p3"} and texts.text_id.nunique() == 2

@@ -10,7 +10,7 @@ import pytest
 from report_data import GEMMA, SMOL, per_text, rerotated_ablations, seed_like, tables, two_models
 
 from knormpress.errors import ConfigError
-from knormpress.report.claims import claims, improvements, load_seed, rule_lines
+from knormpress.report.claims import verdicts, improvements, load_claims, rule_lines
 from knormpress.report.effects import FAILS, HOLDS, INCONCLUSIVE, UNMEASURABLE
 
 STRATEGIES_PPL = "keep_low has lower PPL than random and recent_only at keep_ratio 0.5"
@@ -28,7 +28,7 @@ NEEDLE = "KnormPress paper: keep_low loses no needle-in-a-haystack accuracy at c
 
 def _claims(specs: list[tuple], texts: pd.DataFrame | None = None) -> pd.DataFrame:
     runs, all_texts = tables(specs)
-    return claims(runs, all_texts if texts is None else texts).set_index("claim")
+    return verdicts(runs, all_texts if texts is None else texts).set_index("claim")
 
 
 def _replace(specs: list[tuple], run_id: str, **changes) -> list[tuple]:
@@ -110,7 +110,7 @@ def test_missing_runs_and_missing_texts():
     assert table.measured[STRATEGIES_PPL] == "vs random: -4.55%; vs recent_only: -7.08%"
     assert table.verdict[MEMORY] == HOLDS  # deterministic, needs no texts
     runs, texts = tables(seed_like())
-    assert set(claims(runs.iloc[:0], texts.iloc[:0]).verdict) == {UNMEASURABLE}
+    assert set(verdicts(runs.iloc[:0], texts.iloc[:0]).verdict) == {UNMEASURABLE}
 
 
 def test_an_interval_across_zero_is_inconclusive():
@@ -120,14 +120,14 @@ def test_an_interval_across_zero_is_inconclusive():
     runs, texts = tables(seed_like())
     low = texts.run_id == "s-low"
     texts.loc[low, "nll_sum"] = per_text("s-low", 1.10 * np.array([0.9, 1.1, 0.9, 1.1])).nll_sum.to_numpy()
-    table = claims(runs, texts).set_index("claim")
+    table = verdicts(runs, texts).set_index("claim")
     assert table.verdict[STRATEGIES_PPL] == INCONCLUSIVE  # vs random: inconclusive; vs recent_only: holds
     assert "vs random: -4.55% [-10.00, +10.00]" in table.measured[STRATEGIES_PPL]
 
 
 def test_claims_are_data():
     """A claim on any experiment and strategies, of each kind, needs no code."""
-    seed = {"setup": "-", "tables": [], "figures": {}, "claims": [
+    claims = {"setup": "-", "tables": [], "figures": {}, "claims": [
         {"claim": "foo beats bar", "kind": "paired", "experiment": "toy", "metric": "ppl", "claimed": "lower",
          "a": {"strategy": "foo"}, "b": {"vs bar": {"strategy": "bar"}}},
         {"claim": "foo is fast", "kind": "value", "experiment": "toy", "run": {"strategy": "foo"}, "metric": "wall_s",
@@ -141,7 +141,7 @@ def test_claims_are_data():
         ("bar", "toy", "bar", 0.25, 1.00, 1.00),
         ("elsewhere", "other", "bar", 0.25, 0.5, 1.0),
     ])
-    table = claims(runs, texts, seed)
+    table = verdicts(runs, texts, claims)
     assert table.to_dict("records") == [
         {"model": "tiny", "claim": "foo beats bar", "claimed": "< 0%", "measured": "vs bar: -10.00% [-10.00, -10.00]",
          "verdict": HOLDS},
@@ -155,7 +155,7 @@ def test_claims_are_data():
 def test_two_models_are_decided_apart():
     """Gemma's runs share strategies and text ids with SmolLM2's and are newer: any pick or pairing
     across models would change SmolLM2's numbers or mix them into Gemma's."""
-    table = claims(*tables(two_models()))
+    table = verdicts(*tables(two_models()))
     assert table.model.tolist() == [SMOL] * 15 + [GEMMA] * 15  # SmolLM2 ran more experiments; 4 claims per policy
     smol, gemma = (table[table.model == m].set_index("claim") for m in (SMOL, GEMMA))
     assert smol.verdict.to_dict() == SEED_LIKE_VERDICTS
@@ -199,27 +199,27 @@ def test_improvements_for_the_figure():
                           for metric in ("ppl", "accuracy") for policy in (TRUE, REROTATE)]
 
 
-def test_packaged_seed_data():
-    seed = load_seed()
-    assert seed["setup"].startswith("EleutherAI/pythia-70m-deduped on PG-19")
-    assert [t["kind"] for t in seed["tables"]] == ["strategies", "grid", "strategies"]
-    assert seed["tables"][1]["seed"][0.4]["keep_low"] == {"ppl": 49.59, "accuracy": 0.3466}  # SUMMARY.md: 49.59, 34.66%
-    assert len(seed["claims"]) == 11 and len({c["claim"] for c in seed["claims"]}) == 11  # 9 of the seed, 2 of the paper
-    assert rule_lines(seed)[:2] == [
+def test_packaged_claims_data():
+    claims = load_claims()
+    assert claims["setup"].startswith("EleutherAI/pythia-70m-deduped on PG-19")
+    assert [t["kind"] for t in claims["tables"]] == ["strategies", "grid", "strategies"]
+    assert claims["tables"][1]["seed"][0.4]["keep_low"] == {"ppl": 49.59, "accuracy": 0.3466}  # SUMMARY.md: 49.59, 34.66%
+    assert len(claims["claims"]) == 11 and len({c["claim"] for c in claims["claims"]}) == 11  # 9 of the seed, 2 of the paper
+    assert rule_lines(claims)[:2] == [
         "Best keep_ratio: the best keep_low run inside the claimed range vs the best one outside it (PPL).",
         "Memory saving is deterministic: it holds within +-1 percentage point of the claim.",
     ]
-    assert "lies above -5%" in rule_lines(seed)[2]
+    assert "lies above -5%" in rule_lines(claims)[2]
 
 
-def test_bad_seed_files(tmp_path):
-    path = tmp_path / "seed.yaml"
+def test_bad_claims_files(tmp_path):
+    path = tmp_path / "claims.yaml"
     path.write_text("setup: x\ntables: []\nfigures: {}\nclaims:\n  - {claim: c, kind: guess}\n")
     with pytest.raises(ConfigError, match="unknown kind 'guess'; choose one of paired, best_in_range, value"):
-        load_seed(path)
+        load_claims(path)
     path.write_text("setup: x\nclaims: []\n")
     with pytest.raises(ConfigError, match="missing top-level key 'tables'"):
-        load_seed(path)
+        load_claims(path)
 
 
 def retrieval(base: list[bool], low: list[bool], model: str = "tiny") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -241,7 +241,7 @@ def retrieval(base: list[bool], low: list[bool], model: str = "tiny") -> tuple[p
     ([True] * 10, [False] + [True] * 9, INCONCLUSIVE, "-10.00%"),  # one of ten: the interval reaches past -5% and 0
 ])
 def test_no_loss_claims_on_retrieval_trials(base, low, want, measured):
-    table = claims(*retrieval(base, low)).set_index("claim")
+    table = verdicts(*retrieval(base, low)).set_index("claim")
     assert table.verdict[PASSKEY] == want and table.measured[PASSKEY].startswith(f"vs baseline: {measured}")
     assert table.verdict[NEEDLE] == UNMEASURABLE
 
@@ -249,7 +249,7 @@ def test_no_loss_claims_on_retrieval_trials(base, low, want, measured):
 def test_retrieval_claims_are_decided_per_model():
     """Same text ids in both models: pairing across models would mix Gemma's lost trials into SmolLM2's."""
     smol, gemma = retrieval([True] * 10, [True] * 10, SMOL), retrieval([True] * 10, [False] * 10, GEMMA)
-    table = claims(*(pd.concat([a, b], ignore_index=True) for a, b in zip(smol, gemma)))
+    table = verdicts(*(pd.concat([a, b], ignore_index=True) for a, b in zip(smol, gemma)))
     got = table[table.claim == PASSKEY].set_index("model")
     assert got.verdict.to_dict() == {GEMMA: FAILS, SMOL: HOLDS}  # same number of experiments: by name
     assert got.measured[GEMMA] == "vs baseline: -100.00% [-100.00, -100.00]"

@@ -11,7 +11,7 @@ import pytest
 
 from knormpress.metrics import resample_texts
 from knormpress.report.effects import (FAILS, HIGHER, HOLDS, INCONCLUSIVE, LOWER, UNMEASURABLE, Effect, by_model,
-                                       combine, effect, pick, select, verdict)
+                                       combine, effect, pick, rows_where, verdict)
 
 
 def two_runs(a_ppl: tuple[float, float], b_ppl: tuple[float, float], a_correct: tuple[int, int],
@@ -115,7 +115,7 @@ def test_combine(verdicts, want):
     assert combine(verdicts) == want
 
 
-def test_select_and_pick():
+def test_rows_where_and_pick():
     runs = pd.DataFrame({
         "run_id": ["base", "old", "new", "unsorted", "other"],
         "role": ["baseline", "compressed", "compressed", "compressed", "compressed"],
@@ -129,8 +129,8 @@ def test_select_and_pick():
     assert pick(runs, strategy="keep_low").run_id == "unsorted"  # any sort_by_time: the newest
     assert pick(runs, strategy="keep_low", sort_by_time=None).run_id == "unsorted"
     assert pick(runs, strategy="keep_low", keep_ratio=0.4) is None
-    assert select(runs, sort_by_time=True).run_id.tolist() == ["old", "new"]  # NA matches nothing
-    assert select(runs).run_id.tolist() == ["old", "new", "unsorted", "other"]
+    assert rows_where(runs, sort_by_time=True).run_id.tolist() == ["old", "new"]  # NA matches nothing
+    assert rows_where(runs).run_id.tolist() == ["old", "new", "unsorted", "other"]
 
 
 def test_runs_split_by_model_most_experiments_first():

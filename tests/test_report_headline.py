@@ -2,14 +2,20 @@
 own default setting, runs of other settings (an interval, re-rotated positions, another budget)
 never standing in for the default."""
 
-import importlib.util
+import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
 
 from knormpress.config import CONF_DIR
-from knormpress.report.headline import headline
+from knormpress.report.headline import headline, task_setting
 from knormpress.report.runs import tidy
+from knormpress.settings import defaults
+from knormpress.spec import Compression
+from knormpress.tasks import TASKS
 
 LM = {"fix_kv_size": 512, "ratio": None, "when": "streaming", "keep_ratio": 0.5, "skip_layers": [0, 1],
       "sort_by_time": True, "positions": True, "interval": 1}
@@ -48,13 +54,29 @@ def test_older_exports_without_the_newer_settings_count_as_their_defaults():
     assert headline(tidy(old), {"lm": LM})["tiny"]["lm"]["keep_low"]["ppl"] == 11.0
 
 
-def test_the_retrieval_presets_give_their_own_budget():
-    spec = importlib.util.spec_from_file_location("make_metrics", CONF_DIR.parent / "scripts" / "make_metrics.py")
-    make_metrics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_metrics)
-    lm = make_metrics.task_setting(CONF_DIR / "config.yaml", "lm")
-    assert lm["fix_kv_size"] == 512 and lm["ratio"] is None and lm["when"] == "streaming"
+def test_each_task_is_read_at_the_spec_defaults_and_its_declared_setting():
+    lm = task_setting("lm")
+    assert lm == defaults(Compression) and lm["fix_kv_size"] == 512 and lm["ratio"] is None and lm["when"] == "streaming"
     for task in ("passkey", "needle"):
-        setting = make_metrics.task_setting(CONF_DIR / "config.yaml", task)
+        setting = task_setting(task)
         assert setting["fix_kv_size"] is None and setting["ratio"] == pytest.approx(0.5) and setting["when"] == "prefill"
-        assert setting["keep_ratio"] == lm["keep_ratio"]  # the rest comes from conf/config.yaml
+        assert setting["keep_ratio"] == lm["keep_ratio"]  # the rest: the spec's defaults
+    assert task_setting(None) == lm  # runs from before tasks existed ran lm
+
+
+def test_the_retrieval_presets_run_at_their_tasks_headline_setting():
+    """What the headline reads is what the presets ran: each preset of a task that declares a setting
+    composes to it (its sweep grid aside)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for task in ("passkey", "needle"):
+            compress = compose("config", overrides=[f"experiment={task}"]).compress
+            assert {k: compress[k] for k in TASKS[task].setting} == TASKS[task].setting
+
+
+def test_make_metrics_writes_the_headline_of_the_exports(tmp_path):
+    runs = tidy(pd.DataFrame([row("b", None, 0), row("k", "keep_low", 1)]))
+    runs.to_csv(tmp_path / "e.csv", index=False)
+    done = subprocess.run([sys.executable, str(CONF_DIR.parent / "scripts" / "make_metrics.py"), "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text()) == headline(runs)

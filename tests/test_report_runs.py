@@ -12,7 +12,7 @@ from report_data import BASE_ACCURACY, BASE_PPL, DESIGN_TAGS, N_TOKENS, V1, buil
 
 from knormpress.errors import ConfigError
 from knormpress.report import runs as report_runs
-from knormpress.report.runs import IDENTITY, export, load_all, load_runs, load_texts, read_results, tidy
+from knormpress.report.runs import HEAD, IDENTITY, export, load_all, load_runs, load_texts, read_results, tidy
 
 
 def test_tidy_types_orders_and_keeps_unknown_metrics():
@@ -29,7 +29,8 @@ def test_tidy_types_orders_and_keeps_unknown_metrics():
     cols = df.columns.tolist()
     assert cols[:14] == ["run_id", "experiment", "role", "task", "strategy", "keep_ratio", "fix_kv_size",
                          "sort_by_time", "n_sink", "skip_layers", "positions", "interval", "ratio", "when"]
-    assert cols[14:17] == ["ppl", "ppl_lo", "ppl_hi"] and cols[-13] == "model" and cols[-1] == "start_time"
+    assert cols[:len(HEAD)] == HEAD  # later settings follow `when`, in Compression's field order
+    assert cols[len(HEAD):len(HEAD) + 3] == ["ppl", "ppl_lo", "ppl_hi"] and cols[-13] == "model" and cols[-1] == "start_time"
     assert cols[cols.index("wall_s") + 1:cols.index("model")] == ["bleu", "f1"]  # other metrics: sorted, after known
     c = df.set_index("run_id").loc["c"]
     assert c.keep_ratio == 0.5 and c.sort_by_time is not pd.NA and not c.sort_by_time
@@ -112,7 +113,8 @@ def test_any_task_metrics_become_columns(store, tmp_path):
     export("qa", tmp_path, store)
     runs, texts = read_results(tmp_path)
     assert runs.strategy.tolist() == ["none", "snapkv"] and set(runs.task) == {"qa"}
-    extra = [c for c in runs.columns if c not in IDENTITY and c not in report_runs.KNOWN_METRICS]
+    known = [*report_runs.task_class("lm").columns, *report_runs.RUNNER_METRICS]
+    extra = [c for c in runs.columns if c not in IDENTITY and c not in known]
     assert extra == ["exact_match", "exact_match_hi", "exact_match_lo", "f1"]
     assert runs.exact_match.tolist() == [0.7, 0.5] and runs.f1.tolist() == [0.35, 0.25] and runs.ppl.isna().all()
     assert texts.columns.tolist() == ["run_id", "text_id", "exact_match", "f1"] and len(texts) == 4
@@ -173,3 +175,27 @@ def test_rows_from_new_and_old_param_names():
     old = report_runs._row(fake_run({"compress.strategy": "keep_low", "model.source": "pypi_gguf"},
                                     {"knormpress.strategy": "keep_low", "knormpress.task": "lm"}), "e", DESIGN_TAGS)
     assert (old["strategy"], old["model_source"], old["task"], old["role"]) == ("keep_low", "pypi_gguf", "lm", None)
+
+
+def test_strategy_variants_keep_rows_of_their_own():
+    """The strategy column is the label (`Strategy.label`, from the logged node): variants of one
+    strategy never merge; seeds and default settings leave the name alone, as older exports hold it."""
+    from types import SimpleNamespace
+
+    def strategy(**node) -> str:
+        params = {f"compress.strategy.{k}": str(v) for k, v in node.items()}
+        run = SimpleNamespace(info=SimpleNamespace(run_id="r", start_time=1),
+                              data=SimpleNamespace(params=params, tags={}, metrics={}))
+        return report_runs._row(run, "e", DESIGN_TAGS)["strategy"]
+
+    assert strategy(name="h2o", normalise="mean") == "h2o[normalise=mean]"
+    assert strategy(name="h2o", normalise="sum") == strategy(name="h2o") == "h2o"
+    assert strategy(name="keydiff", anchor="raw") == "keydiff[anchor=raw]" and strategy(name="random", seed=3) == "random"
+    assert strategy(name="near_norm", target=2.0) == "near_norm"  # a plug-in this process never imported: its name
+    from knormpress.report.headline import headline
+
+    rows = [{"run_id": r, "experiment": "e", "role": "compressed", "strategy": s, "keep_ratio": 0.5, "fix_kv_size": 512,
+             "skip_layers": "[0, 1]", "sort_by_time": True, "task": "lm", "model": "m", "ppl": p, "start_time": p}
+            for r, s, p in (("a", "h2o", 1.0), ("b", "h2o[normalise=mean]", 2.0))]
+    assert {k: v["ppl"] for k, v in headline(tidy(pd.DataFrame(rows)))["m"]["lm"].items()} == {
+        "h2o": 1.0, "h2o[normalise=mean]": 2.0}

@@ -3,7 +3,7 @@ read through `dataset=local_text`: only the book's own text is left."""
 
 import pytest
 
-from knormpress.sources import iter_documents, strip_gutenberg
+from knormpress.sources import get_dataset, strip_gutenberg
 from knormpress.sources.gutenberg import gutenberg_title, is_gutenberg
 
 TITLE_PAGE = "THE LIFE AND EPISTLES OF ST. PAUL.\n\nBY THE REV. W. J. CONYBEARE\n\nEdited by A. Reader"  # the book's
@@ -140,7 +140,7 @@ def docs(tmp_path) -> dict:
     folder.mkdir()
     for name, text in FILES.items():
         (folder / f"{name}.txt").write_text(text)
-    return {d.id: d for d in iter_documents("local_text", path=str(folder), cache=tmp_path)}
+    return {d.id: d for d in get_dataset({"name": "local_text", "path": str(folder)}).documents(tmp_path)}
 
 
 @pytest.mark.parametrize("name", FILES)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from knormpress.errors import ConfigError
-from knormpress.sources import ByteTokenizer, Document, iter_documents, load_samples, select_samples, strip_gutenberg
+from knormpress.sources import ByteTokenizer, Document, cache_dir, get_dataset, load_samples, select_samples, strip_gutenberg
 from knormpress.sources.gutenberg import gutenberg_title
 from knormpress.sources.texts import leading_specials
 
@@ -61,6 +61,11 @@ Project Gutenberg etexts are usually created from several printed editions.
 """
 
 
+def documents(name: str, cache=None, **settings) -> list[Document]:
+    """The documents of the registered dataset `name` built with `settings`."""
+    return list(get_dataset({"name": name, **settings}).documents(cache_dir(cache)))
+
+
 @pytest.mark.parametrize("raw", [MODERN, SMALL_PRINT, NO_MARKERS, BODY], ids=["modern", "small_print", "no_markers", "clean"])
 def test_strip_gutenberg_keeps_only_the_body(raw):
     assert strip_gutenberg(raw) == BODY
@@ -79,7 +84,7 @@ def test_gutenberg_drops_duplicates_and_boilerplate(tmp_path):
     (texts / "macbeth_gut.txt").write_text(MODERN)
     (texts / "macbeth_copy.txt").write_text(BODY.upper() + "\n\n")  # same text, other case and spacing
     (texts / "old_gut.txt").write_text(SMALL_PRINT.replace(BODY, "Another play entirely."))
-    docs = list(iter_documents("gutenberg", cache=tmp_path))
+    docs = documents("gutenberg", cache=tmp_path)
     assert [(d.id, d.title) for d in docs] == [("macbeth_gut", "Macbeth"), ("old_gut", "The Tragedy of Macbeth")]
     assert docs[0].text == BODY and docs[1].text == "Another play entirely."
 
@@ -93,9 +98,9 @@ def write_txt(folder, names):
 def test_local_text_folder_and_glob(tmp_path):
     write_txt(tmp_path / "books", ["b", "a", "c"])
     (tmp_path / "books" / "notes.md").write_text("not a text")
-    docs = list(iter_documents("local_text", path=str(tmp_path / "books"), cache=tmp_path))
+    docs = documents("local_text", path=str(tmp_path / "books"), cache=tmp_path)
     assert [(d.id, d.text) for d in docs] == [("a", "text of a"), ("b", "text of b"), ("c", "text of c")]
-    docs = list(iter_documents("local_text", path=str(tmp_path / "books" / "[ab].txt"), cache=tmp_path))
+    docs = documents("local_text", path=str(tmp_path / "books" / "[ab].txt"), cache=tmp_path)
     assert [d.id for d in docs] == ["a", "b"]
 
 
@@ -149,7 +154,7 @@ def test_local_text_strips_gutenberg_files_and_leaves_other_texts_untouched(tmp_
     mine = "My own notes on Macbeth.\n\nI read it in a Project Gutenberg ebook; these notes are not one.\n\n"
     for name, text in [("modern", MODERN_FILE), ("small_print", SMALL_PRINT), ("small_print_2002", SMALL_PRINT_2002), ("notes", mine)]:
         (folder / f"{name}.txt").write_text(text)
-    docs = {d.id: d for d in iter_documents("local_text", path=str(folder), cache=tmp_path)}
+    docs = {d.id: d for d in documents("local_text", path=str(folder), cache=tmp_path)}
     assert {k: (d.title, d.text) for k, d in docs.items()} == {
         "modern": ("Macbeth", BODY),
         "small_print": ("The Tragedy of Macbeth", BODY),
@@ -168,10 +173,10 @@ def test_local_text_tables(tmp_path, monkeypatch, suffix):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         pd.DataFrame(rows).to_parquet(path)
-    docs = list(iter_documents("local_text", path=str(path), text_column="body", cache=tmp_path))
+    docs = documents("local_text", path=str(path), text_column="body", cache=tmp_path)
     assert docs == [Document("x1", "First", "one"), Document("x2", "x2", "two")]
     with pytest.raises(ConfigError, match="no column 'text'"):
-        iter_documents("local_text", path=str(path), cache=tmp_path)
+        documents("local_text", path=str(path), cache=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -181,15 +186,15 @@ def test_local_text_tables(tmp_path, monkeypatch, suffix):
 def test_local_text_errors(tmp_path, path, match):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=match):
-        iter_documents("local_text", path=path and str(tmp_path / path), cache=tmp_path)
+        documents("local_text", path=path and str(tmp_path / path), cache=tmp_path)
 
 
 def test_unknown_source_and_pg19_offline(monkeypatch):
-    with pytest.raises(ConfigError, match="gutenberg, pg19, local_text"):
-        iter_documents("wikipedia")
+    with pytest.raises(ConfigError, match="unknown dataset 'wikipedia'; choose one of gutenberg, local_text, pg19"):
+        documents("wikipedia")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError) as error:
-        iter_documents("pg19")
+        documents("pg19")
     message = str(error.value)
     assert "\n" not in message and "dataset=gutenberg" in message and "dataset=local_text" in message
 
@@ -271,7 +276,7 @@ def test_load_samples_keys_on_the_files(tmp_path):
     books.mkdir()
     for doc in LIBRARY:
         (books / f"{doc.id}.txt").write_text(doc.text)
-    cfg = {"source": "local_text", "path": str(books)}
+    cfg = {"name": "local_text", "path": str(books)}
     kwargs = {"n_samples": 2, "max_tokens": 50, "start_offset": 0, "seed": 0, "cache": tmp_path / "cache"}
     first = load_samples(cfg, TOK, "bytes", **kwargs)
     assert [s.id for s in load_samples(cfg, TOK, "bytes", **kwargs)] == [s.id for s in first]
@@ -283,7 +288,7 @@ def test_load_samples_keys_on_the_files(tmp_path):
 
 @pytest.mark.slow
 def test_real_gutenberg_archive():
-    docs = list(iter_documents("gutenberg"))
+    docs = documents("gutenberg")
     assert len(docs) >= 50 and len({d.id for d in docs}) == len(docs)
     assert not any("*** START OF" in d.text or "*END*THE SMALL PRINT" in d.text for d in docs)
     digests = {hashlib.sha256(" ".join(d.text.split()).lower().encode()).hexdigest() for d in docs}

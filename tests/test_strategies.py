@@ -164,3 +164,16 @@ def test_key_norms_are_rounded_to_ten_significant_bits(scale):
     assert tied[0] == tied[1] == -scale  # both round to 512 / 2^10, i.e. 1
     apart = low(1.0, 1 + 2**-9)
     assert apart[0] == -scale and apart[1] == -(1 + 2**-9) * scale
+
+
+def test_a_label_and_its_node_round_trip():
+    """`Strategy.label` (run names, the report's strategy column) and `Registry.node` (the bench's
+    --strategy) are inverses; the label of a logged node (text, as MLflow keeps params) is the built one's."""
+    from knormpress.strategies import REGISTRY, label
+
+    for text in ("keep_low", "h2o[normalise=mean]", "keydiff[anchor=raw]"):
+        assert label(REGISTRY.node(text)) == get_strategy(REGISTRY.node(text)).label == text
+    assert label({"name": "random", "seed": "3"}) == "random"  # seeds repeat a method, they do not vary it
+    assert label({"name": "h2o", "normalise": "sum"}) == "h2o"  # a default setting adds nothing
+    with pytest.raises(ConfigError, match="write a name, or name\\[setting=value"):
+        REGISTRY.node("h2o[normalise]")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from knormpress.config import CONF_DIR
@@ -43,7 +44,10 @@ def test_sweep_parent_is_named_from_the_sweep(tmp_path):
 
 
 def test_sweep_parent_comes_with_the_first_job_and_ends_with_a_comparison(tracker, tmp_path):
-    SweepRun().on_multirun_start(sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"]))
+    config = sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"])
+    callback = instantiate(config.hydra.callbacks.mlflow_sweep)  # as Hydra builds it: the figure named in conf/
+    assert callback.figure == "knormpress.report.sweep_figure.sweep_comparison"
+    callback.on_multirun_start(config)
     assert not tracker.search({}, status=None)  # no job has run yet: no parent
     parent = sweep_parent(tmp_path / "sweep", tracker)
     assert sweep_parent(tmp_path / "sweep", tracker) == parent and sweep_parent(tmp_path / "elsewhere", tracker) is None
@@ -57,6 +61,21 @@ def test_sweep_parent_comes_with_the_first_job_and_ends_with_a_comparison(tracke
     assert run.data.tags["mlflow.note.content"].startswith("3 of 3 runs finished.") and "- keep_low r=0.5: ppl 22.0" in run.data.tags["mlflow.note.content"]
     (figure,) = tracker.client.list_artifacts(parent)
     assert figure.path == COMPARISON and tracker.download(parent, COMPARISON, tmp_path / "dl").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_figure_is_passed_in_not_imported_from_the_report(tracker, tmp_path):
+    """sweeps.py names no report module: the callback's `figure` is the only way in; without one the
+    parent gets its description and no figure."""
+    from knormpress import sweeps
+
+    assert "knormpress.report" not in Path(sweeps.__file__).read_text()
+    SweepRun(figure=None).on_multirun_start(sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"]))
+    parent = sweep_parent(tmp_path / "sweep", tracker)
+    with tracker.run("keep_low r=0.3", tags(role="compressed", parent=parent, task="lm", description="d")) as run_id:
+        tracker.log(run_id, {}, {"ppl": 3.0}, {}, [])
+    end_sweep("FINISHED")
+    assert tracker.client.get_run(parent).data.tags["mlflow.note.content"].startswith("1 of 1 runs finished.")
+    assert not tracker.client.list_artifacts(parent)
 
 
 def test_a_sweep_whose_jobs_are_all_skipped_logs_no_parent(tracker, tmp_path):

@@ -16,6 +16,7 @@ from knormpress.config import EvalConfig
 from knormpress.engines.attention import RECORD, attention_implementation
 from knormpress.engines.prompt import generate, prompt_cache
 from knormpress.engines.streaming import _Recording
+from knormpress.sources.datasets import get_dataset
 from knormpress.sources.tiny import ByteTokenizer
 
 from conftest import VOCAB, seeded, tiny_model
@@ -120,7 +121,7 @@ def test_needle_hides_a_seven_digit_number_in_the_dataset_text(bundle, tmp_path)
     (tmp_path / "a.txt").write_text("Once upon a time there was a tale. " * 80)
     (tmp_path / "b.txt").write_text("The river ran on and on. It did not stop! " * 80)
     task = get_task({"name": "needle", "lengths": [500], "depths": [0.5], "trials": 2})
-    groups = task.samples(bundle, {"source": "local_text", "path": str(tmp_path)}, EvalConfig(), str(tmp_path / "cache"))
+    groups = task.samples(bundle, get_dataset({"name": "local_text", "path": str(tmp_path)}), EvalConfig(), str(tmp_path / "cache"))
     texts = [bundle.tokenizer.decode(ids) for ids in groups[0].input_ids]
     for text, trial in zip(texts, groups[0].trials):
         word = re.search(r"special magic number for (\w+)\?", text).group(1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,29 +23,19 @@ from knormpress.compression import Compression
 from knormpress.engines import pick_engine
 from knormpress.errors import ConfigError, choose
 from knormpress.registry import settings
+from knormpress.settings import defaults
+from knormpress.sources.datasets import Dataset, get_dataset
 from knormpress.sources.models import DEVICES, DTYPES, validate_model_spec
-from knormpress.sources.texts import PG19_SPLITS
-from knormpress.sources.texts import SOURCES as DATASET_SOURCES
 from knormpress.tasks import Task, get_task
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 NOT_SEMANTIC = ("tracking", "force", "progress", "cache", "plugins")  # where and how a run is logged, not what it computes
 NO_COMPRESSION = "none"  # the strategy name of the uncompressed baseline
+COMPRESS_DEFAULTS = "compress_defaults"  # conf/config.yaml's first default: every compress setting, from the spec
 
-
-@dataclass
-class DatasetConfig:
-    source: str = "gutenberg"
-    path: str | None = None
-    text_column: str = "text"
-    split: str = "test"
-
-    def __post_init__(self) -> None:
-        choose("dataset.source", self.source, DATASET_SOURCES)
-        if self.source == "pg19":
-            choose("dataset.split", self.split, PG19_SPLITS)
-        if self.source == "local_text" and not self.path:
-            raise ConfigError("dataset local_text needs dataset.path (a folder of .txt files, a glob, or a .jsonl/.parquet file), got null")
+# every Compression setting with its default, composed before conf/config.yaml's own `compress` node,
+# so a new setting can be overridden (compress.<name>=...) without a line of YAML
+ConfigStore.instance().store(name=COMPRESS_DEFAULTS, node={"compress": defaults(Compression)})
 
 
 @dataclass
@@ -79,16 +70,17 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
-    """A composed run. The `model`, `task` and `compress` nodes are checked by what builds from
-    them (`validate_model_spec`, the task registry, `Compression`), so their fields are listed once."""
+    """A composed run. The `model`, `dataset`, `task` and `compress` nodes are checked by what builds
+    from them (`validate_model_spec`, the dataset and task registries, `Compression`), so their fields
+    are listed once."""
 
     model: dict[str, Any] = field(default_factory=dict)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: dict[str, Any] = field(default_factory=lambda: {"name": "gutenberg"})
     task: dict[str, Any] = field(default_factory=lambda: {"name": "lm"})
     compress: dict[str, Any] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    plugins: list[str] = field(default_factory=list)  # modules imported first: they register strategies and tasks
+    plugins: list[str] = field(default_factory=list)  # modules imported first: they register strategies, tasks, datasets
     force: bool = False
     progress: bool = True
     cache: str | None = None
@@ -96,6 +88,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _import_plugins(self.plugins)
         validate_model_spec(self.model)
+        self.build_dataset()
         compression = self.build_compression()
         self.build_task().check(compression, self.eval)
         pick_engine(self.eval.engine, compression)  # e.g. masked + random_per_step
@@ -111,6 +104,9 @@ class RunConfig:
     def build_task(self) -> Task:
         return get_task(self.task)
 
+    def build_dataset(self) -> Dataset:
+        return get_dataset(self.dataset)
+
 
 def _import_plugins(modules: list[str]) -> None:
     for name in modules:
@@ -122,7 +118,7 @@ def _import_plugins(modules: list[str]) -> None:
 
 def validate(cfg: DictConfig | dict) -> tuple[RunConfig, dict[str, Any]]:
     """The typed config and its plain resolved dict (schema defaults filled in, no `hydra` node);
-    the `compress` and `task` nodes come back normalized (every setting, defaults included)."""
+    the `compress`, `task` and `dataset` nodes come back normalized (every setting, defaults included)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
         plain = OmegaConf.to_container(merged, resolve=True)
@@ -134,6 +130,7 @@ def validate(cfg: DictConfig | dict) -> tuple[RunConfig, dict[str, Any]]:
     compression = run.build_compression()
     plain["compress"] = compression.to_dict() if compression else {**plain["compress"], "strategy": {"name": NO_COMPRESSION}}
     plain["task"] = settings(run.build_task())
+    plain["dataset"] = settings(run.build_dataset())
     return run, plain
 
 

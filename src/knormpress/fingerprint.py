@@ -3,10 +3,11 @@ FINISHED run is reused (skipped, or taken as the baseline) only when today's cod
 the same numbers.
 
 What it covers: every file that dvc.yaml's experiment stages (the stages whose command runs
-run.py) depend on, plus the Python (major.minor), torch and transformers versions. The list lives
-once, in dvc.yaml (the `&run` anchor), and is read from there: DVC 3 cannot interpolate a list
-into `deps` (it stops with "Cannot interpolate data of type 'list'"), so dvc.yaml cannot take the
-list from a Python or params file, and a second copy guarded by a test would still be two lists.
+run.py, declared once as a `foreach` stage) depend on, plus the Python (major.minor), torch and
+transformers versions. The list lives once, in dvc.yaml (the experiment stage's `deps`), and is read
+from there: DVC 3 cannot interpolate a list into `deps` (it stops with "Cannot interpolate data of
+type 'list'"), so dvc.yaml cannot take the list from a Python or params file, and a second copy
+guarded by a test would still be two lists.
 That list is deliberately wide: it also holds code that only logs or exports (tracking, sweeps,
 the export) and `conf/` (whose effect on a run also reaches `config.config_hash`), so editing
 those reruns jobs too, exactly when DVC reruns the stages.
@@ -44,16 +45,22 @@ LIBRARIES = ("torch", "transformers")  # their versions change numerics
 SHOWN = 4  # changed parts named in a rerun's log line
 
 
-def sources(root: Path = ROOT) -> list[str]:
-    """The dependencies of dvc.yaml's experiment stages (those that run run.py), in file order."""
+def experiment_stages(root: Path = ROOT) -> dict[str, dict]:
+    """dvc.yaml's stages that run run.py, as written (a `foreach` stage: its `do` body)."""
     path = root / DVC_FILE
     if not path.is_file():
         raise ConfigError(f"cannot fingerprint the code that computes a run's numbers: no {path} (knormpress runs from "
                           f"its source checkout, `pip install -e .`); set tracking.enabled=false to run without MLflow")
+    stages = {name: stage.get("do", stage) for name, stage in yaml.safe_load(path.read_text())["stages"].items()}
+    return {name: stage for name, stage in stages.items() if "run.py" in str(stage["cmd"])}
+
+
+def sources(root: Path = ROOT) -> list[str]:
+    """The dependencies of dvc.yaml's experiment stages (those that run run.py), in file order."""
+    path = root / DVC_FILE
     found: list[str] = []
-    for stage in yaml.safe_load(path.read_text())["stages"].values():
-        if "run.py" in str(stage["cmd"]):
-            found += [d for d in stage.get("deps", []) if d not in found]
+    for stage in experiment_stages(root).values():
+        found += [d for d in stage.get("deps", []) if d not in found]
     if not found:
         raise ConfigError(f"{path} has no stage that runs run.py with deps: nothing to fingerprint")
     return found

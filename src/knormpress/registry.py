@@ -7,9 +7,11 @@ MLflow params. A misspelled name or setting fails with the valid ones listed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import fields, is_dataclass
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import MISSING, Field, fields, is_dataclass
 from typing import Any, Generic, TypeVar
+
+import yaml
 
 from knormpress.errors import ConfigError, choose
 
@@ -46,6 +48,27 @@ class Registry(Generic[T]):
             )
         return cls(**node)
 
+    def label(self, node: Mapping[str, Any], leave_out: Collection[str] = ()) -> str:
+        """The node's name with every setting that differs from its class' default, e.g.
+        `h2o[normalise=mean]` (settings in `leave_out` aside), so variants never share a name. Values
+        may be typed or text as MLflow logs them (read as YAML); an unregistered name (a plug-in
+        this process has not imported) comes back alone."""
+        name = str(node["name"])
+        if name not in self.classes:
+            return name
+        changed = [f"{f.name}={node[f.name]}" for f in fields(self.classes[name])
+                   if f.init and f.name not in leave_out and f.name in node and not _is_default(node[f.name], f)]
+        return f"{name}[{','.join(changed)}]" if changed else name
+
+    @staticmethod
+    def node(label: str) -> dict[str, Any]:
+        """The node a label names (the inverse of `label`): `h2o[normalise=mean]` -> {name: h2o, normalise: mean}."""
+        name, _, rest = label.partition("[")
+        pairs = [p.partition("=") for p in rest.removesuffix("]").split(",") if p]
+        if (rest and not rest.endswith("]")) or any(not eq for _, eq, _ in pairs):
+            raise ConfigError(f"cannot read {label!r}: write a name, or name[setting=value,...]")
+        return {"name": name, **{k: yaml.safe_load(v) for k, _, v in pairs}}
+
     def __contains__(self, name: object) -> bool:
         return name in self.classes
 
@@ -57,3 +80,13 @@ def settings(obj: Any) -> dict[str, Any]:
     """The config node that rebuilds `obj`: its name and its own settings."""
     return {"name": obj.name, **{f.name: getattr(obj, f.name) for f in fields(obj) if f.init}}
 
+
+
+def _is_default(value: Any, f: Field) -> bool:
+    default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+    if value == default or not isinstance(value, str) or isinstance(default, str):
+        return value == default
+    try:
+        return (None if value == "None" else yaml.safe_load(value)) == default  # str(None) is how MLflow logs None
+    except yaml.YAMLError:
+        return False

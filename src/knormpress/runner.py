@@ -23,7 +23,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,7 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
     with _library_bars(progress):
         bundle = load_model(rc.model, dtype=rc.eval.dtype, device=rc.eval.device, cache=rc.cache, seed=rc.eval.seed,
                             positions=compression.positions if compression else "true")
-        samples = task.samples(bundle, asdict(rc.dataset), rc.eval, rc.cache)
+        samples = task.samples(bundle, rc.build_dataset(), rc.eval, rc.cache)
     runs = 1 if compression is None else 2  # the baseline, unless reused, then the compressed run
     with tqdm(total=runs * len(samples), desc=_name(compression), unit="text", disable=not progress, leave=False) as bar:
         ctx = Context(rc, job, task, tracker, code, bundle, samples, _samples_hash(samples), labels, bar)
@@ -177,7 +177,7 @@ def _measure(ctx: Context, plain: dict[str, Any], compression: Compression | Non
                                config_hash=config_hash(plain))
     ctx.bar.set_description(name)
     with ctx.tracker.run(name, labels) if ctx.tracker else nullcontext() as run_id:
-        if ctx.tracker and (info := ctx.task.dataset_info(ctx.samples, asdict(rc.dataset))):
+        if ctx.tracker and (info := ctx.task.dataset_info(ctx.samples, rc.build_dataset())):
             ctx.tracker.log_dataset(run_id, info, ctx.samples_hash)
         outcomes = []
         for sample in ctx.samples:
@@ -253,8 +253,4 @@ def _library_bars(show: bool) -> Iterator[None]:
 
 
 def _name(compression: Compression | None) -> str:
-    if compression is None:
-        return "baseline"
-    c = compression
-    return " ".join([c.strategy.label, f"r={c.keep_ratio:g}"] + ([f"ratio={c.ratio:g}"] if c.ratio is not None else [])
-                    + ([c.when] if c.when != "streaming" else []))
+    return "baseline" if compression is None else compression.label

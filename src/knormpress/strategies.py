@@ -12,14 +12,14 @@ the paper's formula, where this implementation differs on purpose, and which set
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 import torch
 
 from knormpress.errors import choose
-from knormpress.registry import Registry
+from knormpress.registry import Registry, settings
 
 REGISTRY: Registry[Strategy] = Registry("strategy")
 STRATEGIES = REGISTRY.classes  # name -> class
@@ -79,18 +79,12 @@ class Strategy:
     @property
     def label(self) -> str:
         """The name with every setting that differs from its default (seeds aside), e.g.
-        `h2o[normalise=mean]`: what run names and tables show, so variants never share a name."""
-        changed = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-                   if f.init and f.name not in REPEATS and getattr(self, f.name) != _default(f)]
-        return f"{self.name}[{','.join(changed)}]" if changed else self.name
+        `h2o[normalise=mean]`: what run names and the report's tables show (`label`)."""
+        return label(settings(self))
 
     def without_recent_window(self) -> str | None:
         """Why these settings go wrong without a recent window (keep_ratio 0), or None if they do not."""
         return None
-
-
-def _default(f) -> object:
-    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
 
 
 @register
@@ -173,6 +167,12 @@ class KeyDiff(Strategy):
         unit = keys / norms.unsqueeze(-1)
         anchor = unit.mean(dim=-2, keepdim=True)
         return -(unit * (anchor / torch.linalg.vector_norm(anchor, dim=-1, keepdim=True))).sum(dim=-1)
+
+
+def label(node: dict) -> str:
+    """A strategy node's label (name + settings that differ from the defaults, seeds aside), from a
+    built strategy's settings or from a run's logged params: the report keys strategies by it."""
+    return REGISTRY.label(node, REPEATS)
 
 
 def get_strategy(spec: str | dict | Strategy) -> Strategy:

@@ -1,5 +1,6 @@
 """Multiruns in MLflow: one parent run per sweep, created when its first job really runs, named
-from the preset or the sweep overrides, closed with a comparison of its children.
+from the preset or the sweep overrides, closed with a comparison of its children (drawn by the
+function the callback's config names: the sweep code never imports the report).
 
 Child jobs (in this process or, with joblib/submitit, in others) find the parent through
 <sweep dir>/mlflow_parent.json.
@@ -20,7 +21,7 @@ from typing import Any
 from filelock import FileLock
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from mlflow.entities import Run
+from hydra.utils import get_method
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -69,6 +70,9 @@ class SweepRun(Callback):
     """Hydra callback: one parent MLflow run per multirun, which child jobs (in this process or,
     with joblib/submitit, in others) create and find through <sweep dir>/mlflow_parent.json."""
 
+    def __init__(self, figure: str | None = None) -> None:
+        self.figure = figure  # dotted name of the comparison figure's function (conf/config.yaml); None: no figure
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = sweep_dir(config.hydra)
         sweep.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,7 @@ class SweepRun(Callback):
         preset = config.hydra.runtime.choices.get("experiment") or "none"
         labels = tags(sweep=sweep, experiment_preset=preset, pid=os.getpid(), host=socket.gethostname())  # no role: not a result
         _write_json(sweep / PARENT_FILE, {"name": sweep_name(config), "tags": labels})
-        _sweep["file"] = sweep / PARENT_FILE
+        _sweep["file"], _sweep["figure"] = sweep / PARENT_FILE, self.figure
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if "bar" in _sweep:  # only in the launching process, i.e. for in-process launchers
@@ -115,13 +119,13 @@ def end_sweep(status: str) -> None:
     end it; the CLI calls it with FAILED when a job or the sweep failed."""
     if bar := _sweep.pop("bar", None):
         bar.close()
-    file = _sweep.pop("file", None)
+    file, figure = _sweep.pop("file", None), _sweep.pop("figure", None)
     spec = json.loads(file.read_text()) if file is not None and file.exists() else {}
     if "run_id" not in spec:
         return
     tracker = Tracker(spec["uri"], spec["experiment"])
     try:
-        _summarize_children(tracker, spec["run_id"], spec["name"])
+        _summarize_children(tracker, spec["run_id"], spec["name"], figure)
     except Exception:  # a figure must never leave the parent RUNNING
         log.warning("could not summarize the children of sweep run %s", spec["run_id"], exc_info=True)
     finally:
@@ -138,8 +142,9 @@ def browse_hint(tracker: Tracker) -> str:
     return f"mlflow ui --backend-store-uri {tracker.uri.partition('?')[0]}, then http://127.0.0.1:5000/{page}"
 
 
-def _summarize_children(tracker: Tracker, run_id: str, name: str) -> None:
-    """The parent's description (one line per child) and comparison figure (its children's key metrics)."""
+def _summarize_children(tracker: Tracker, run_id: str, name: str, figure: str | None) -> None:
+    """The parent's description (one line per child) and comparison figure (`figure`, the dotted
+    name of a function from the children's table and a title to a matplotlib Figure or None)."""
     import pandas as pd
 
     children = sorted(tracker.search({"parent": run_id}, status=None), key=lambda r: r.info.start_time)
@@ -148,30 +153,14 @@ def _summarize_children(tracker: Tracker, run_id: str, name: str) -> None:
              for r in children]
     note = f"{len(done)} of {len(children)} runs finished.\n\n" + "\n".join(lines)
     retry(tracker.client.set_tag, run_id, TAGS["description"], note)
-    metrics = _key_metrics(done)
-    if not metrics:
+    if figure is None or not done:
         return
-    from knormpress.report.figures import sweep_comparison
-
-    rows = pd.DataFrame([{"name": r.info.run_name, "role": r.data.tags.get(TAGS["role"])} | r.data.metrics for r in done])
+    rows = pd.DataFrame([{"name": r.info.run_name, "role": r.data.tags.get(TAGS["role"]), "task": r.data.tags.get(TAGS["task"])}
+                         | {k: v for k, v in r.data.metrics.items() if not k.startswith(HISTORY_PREFIX)} for r in done])
+    drawn = get_method(figure)(rows, name)
+    if drawn is None:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, COMPARISON)
-        sweep_comparison(rows, metrics, name).savefig(path, dpi=120)
+        drawn.savefig(path, dpi=120)
         retry(tracker.client.log_artifact, run_id, str(path))
-
-
-def _key_metrics(runs: list[Run]) -> list[str]:
-    """What the comparison shows: the tasks' `key_metrics` that every run logged, else the first
-    result they share (by name; not an interval, a count or the runner's resources)."""
-    import pandas as pd
-
-    from knormpress.report.headline import headline_columns
-    from knormpress.tasks import TASKS
-
-    if not runs:
-        return []
-    shared = set.intersection(*(set(r.data.metrics) for r in runs))
-    names = dict.fromkeys(r.data.tags.get(TAGS["task"]) for r in runs)
-    wanted = [m for n in names if n in TASKS for m in TASKS[n].key_metrics if m in shared]
-    results = [m for m in headline_columns(pd.DataFrame(columns=sorted(shared))) if not m.startswith(HISTORY_PREFIX)]
-    return list(dict.fromkeys(wanted)) or results[:1]

@@ -2,7 +2,7 @@
 
 - `runs`: MLflow runs and the exported CSVs as tidy tables (one row per run, any task's metrics).
 - `effects`: paired bootstrap effects between two runs and the verdict rules.
-- `claims`: the seed's published numbers and claims (data: `seed.yaml`) measured on our runs.
+- `claims`: the seed write-up's published numbers and claims (data: `claims.yaml`) measured on our runs.
 - `summary`: results/summary.md.
 - `figures`: the seed's four figures (`panels`: their colours, error bars and a row of panels per model).
 

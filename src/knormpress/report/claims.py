@@ -1,4 +1,4 @@
-"""The seed's claims, measured: read them (with the seed's tables and figures) from `seed.yaml`
+"""The seed's claims, measured: read them (with the seed's tables and figures) from `claims.yaml`
 and decide each one on our runs with the verdict rules of `effects`.
 
 A claim names the experiment whose runs test it and how (its `kind`); the code below knows the
@@ -19,25 +19,25 @@ import yaml
 
 from knormpress.errors import ConfigError
 from knormpress.report.effects import (FAILS, HIGHER, HOLDS, LOWER, UNKNOWN_MODEL, UNMEASURABLE, Effect, by_model,
-                                       combine, effect, no_loss, pick, select, trial_effect, verdict)
+                                       combine, effect, no_loss, pick, rows_where, trial_effect, verdict)
 
-SEED_FILE = "seed.yaml"
+CLAIMS_FILE = "claims.yaml"
 DIRECTIONS = {"lower": LOWER, "higher": HIGHER}
 BEST = {"lowest": ("argmin", "idxmin", LOWER), "highest": ("argmax", "idxmax", HIGHER)}
 
 
-def load_seed(path: str | Path | None = None) -> dict:
-    """The seed's setup, tables, claims and figures (default: the packaged seed.yaml)."""
-    source = Path(path) if path else resources.files(__package__) / SEED_FILE
-    seed = yaml.safe_load(source.read_text())
+def load_claims(path: str | Path | None = None) -> dict:
+    """The seed's setup, tables, claims and figures (default: the packaged claims.yaml)."""
+    source = Path(path) if path else resources.files(__package__) / CLAIMS_FILE
+    claims = yaml.safe_load(source.read_text())
     for key in ("setup", "tables", "claims", "figures"):
-        if key not in seed:
+        if key not in claims:
             raise ConfigError(f"{source}: missing top-level key {key!r}")
-    for claim in seed["claims"]:
+    for claim in claims["claims"]:
         if claim.get("kind") not in KINDS:
             raise ConfigError(f"{source}: claim {claim.get('claim')!r} has unknown kind {claim.get('kind')!r}; "
                               f"choose one of {', '.join(KINDS)}")
-    return seed
+    return claims
 
 
 def claimed_range(claim: dict) -> tuple[float, float]:
@@ -66,7 +66,7 @@ def comparisons(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict[st
         a = pick(exp, **claim["a"])
         return {label: effect(texts, a, pick(exp, **where), metric) for label, where in claim["b"].items()}
     col = claim["each"]
-    values = sorted(select(exp, **claim["a"])[col].dropna().unique().tolist())
+    values = sorted(rows_where(exp, **claim["a"])[col].dropna().unique().tolist())
     return {label.format(v): effect(texts, pick(exp, **claim["a"], **{col: v}), pick(exp, **where, **{col: v}), metric)
             for v in values for label, where in claim["b"].items()}
 
@@ -82,7 +82,7 @@ def _best_in_range(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict
     col, metric, (lo, hi) = claim["column"], claim["metric"], claim["range"]
     word, idx, direction = BEST[claim.get("best", "lowest")]
     symbol = claim.get("symbol", col)
-    rows = select(_runs_of(claim, runs), **claim["runs"]).dropna(subset=[metric])
+    rows = rows_where(_runs_of(claim, runs), **claim["runs"]).dropna(subset=[metric])
     inside = rows[col].between(lo - 1e-9, hi + 1e-9)
     claimed = f"{word} in range"
     if rows.empty:
@@ -124,11 +124,11 @@ KINDS: dict[str, Callable[[dict, pd.DataFrame, pd.DataFrame], dict]] = {
 SELECTORS = ("a", "runs", "run")  # a claim's run selectors; `b` maps labels to selectors
 
 
-def expanded(seed: dict) -> list[dict]:
+def expanded(claims: dict) -> list[dict]:
     """The claims with each `per: {COLUMN: [values]}` claim split into one claim per value: the
     value joins every run selector and the claim's text (and its improvement's name)."""
     out = []
-    for claim in seed["claims"]:
+    for claim in claims["claims"]:
         if "per" not in claim:
             out.append(claim)
             continue
@@ -149,28 +149,28 @@ def _models(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return by_model(runs) or {UNKNOWN_MODEL: runs}  # no runs at all: every claim once, not measurable
 
 
-def claims(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> pd.DataFrame:
+def verdicts(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> pd.DataFrame:
     """One row per model and seed claim (per value of its `per` column; models in `by_model`
     order): what it says, what was claimed, what we measured on that model's runs, the verdict."""
-    seed = seed or load_seed()
+    claims = claims or load_claims()
     rows = [{"model": model, "claim": c["claim"]} | KINDS[c["kind"]](c, own, texts)
-            for model, own in _models(runs).items() for c in expanded(seed)]
+            for model, own in _models(runs).items() for c in expanded(claims)]
     return pd.DataFrame(rows, columns=["model", "claim", "claimed", "measured", "verdict"])
 
 
-def notes(seed: dict | None = None) -> list[str]:
+def notes(claims: dict | None = None) -> list[str]:
     """The claims' `note`s, each once: what a reader needs to read their verdicts."""
-    seed = seed or load_seed()
-    return list(dict.fromkeys(c["note"].strip() for c in seed["claims"] if "note" in c))
+    claims = claims or load_claims()
+    return list(dict.fromkeys(c["note"].strip() for c in claims["claims"] if "note" in c))
 
 
-def improvements(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> list[dict]:
+def improvements(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> list[dict]:
     """The paired claims that belong to one of the seed's improvements, per model, each with its
     measured effect (the first comparison) and verdict: what improvement_summary.png draws."""
-    seed = seed or load_seed()
+    claims = claims or load_claims()
     out = []
     for model, own in _models(runs).items():
-        for claim in expanded(seed):
+        for claim in expanded(claims):
             if claim["kind"] != "paired" or "improvement" not in claim:
                 continue
             effects = comparisons(claim, own, texts)
@@ -182,7 +182,7 @@ def improvements(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = No
     return out
 
 
-def rule_lines(seed: dict | None = None) -> list[str]:
+def rule_lines(claims: dict | None = None) -> list[str]:
     """Claim-specific lines for "How verdicts are decided"."""
-    seed = seed or load_seed()
-    return [c["rule"].format(**c) for c in seed["claims"] if "rule" in c]
+    claims = claims or load_claims()
+    return [c["rule"].format(**c) for c in claims["claims"] if "rule" in c]

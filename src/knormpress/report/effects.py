@@ -32,9 +32,9 @@ def by_model(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return dict(sorted(groups.items(), key=lambda item: (-item[1].experiment.nunique(), item[0])))
 
 
-def select(runs: pd.DataFrame, **where) -> pd.DataFrame:
+def rows_where(runs: pd.DataFrame, **where) -> pd.DataFrame:
     """Runs whose columns equal `where` (numbers within isclose; None: any value). Only
-    compressed runs unless `role` is given: `select(runs, role="baseline")`."""
+    compressed runs unless `role` is given: `rows_where(runs, role="baseline")`."""
     keep = np.ones(len(runs), dtype=bool)
     for col, value in ({"role": "compressed"} | where).items():
         if value is None:
@@ -47,8 +47,8 @@ def select(runs: pd.DataFrame, **where) -> pd.DataFrame:
 
 
 def pick(runs: pd.DataFrame, **where) -> pd.Series | None:
-    """The newest of `select(runs, **where)`, or None."""
-    rows = select(runs, **where)
+    """The newest of `rows_where(runs, **where)`, or None."""
+    rows = rows_where(runs, **where)
     return None if rows.empty else rows.sort_values("start_time").iloc[-1]
 
 

@@ -1,7 +1,8 @@
-"""The seed's four figures, drawn from the tidy run tables (never from the seed's numbers).
+"""The seed's four figures (the `lm` task's, `Task.figures`), drawn from the tidy run tables (never
+from the seed's numbers); `save_all` draws every registered task's figures.
 
-Which experiment and keep_ratio each figure shows comes from `seed.yaml` (figures:); strategies
-come from the runs: those named in seed.yaml keep their colour, others take palette colours in
+Which experiment and keep_ratio each figure shows comes from `claims.yaml` (figures:); strategies
+come from the runs: those named in claims.yaml keep their colour, others take palette colours in
 sorted order. Each model that has runs for a figure gets its own row of panels (`panels.model_rows`,
 models in `effects.by_model` order); with one model a figure looks as it always did. The notebook
 shows the same PNGs the pipeline writes.
@@ -9,24 +10,24 @@ shows the same PNGs the pipeline writes.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import Bbox
 
-from knormpress.report.claims import improvements, load_seed
-from knormpress.report.effects import pick, select
+from knormpress.report.claims import improvements, load_claims
+from knormpress.report.effects import pick, rows_where
 from knormpress.report.labels import place_labels
 from knormpress.report.panels import (BASELINE, CI_LABEL, METRICS, Palette, err, model_rows, no_data, palette, per_model,
                                       titles)
-from knormpress.report.retrieval_figures import needle_heatmap, passkey_accuracy
 from knormpress.report.summary import describe
+from knormpress.tasks import TASKS
 
 
 def _has_metrics(rows: pd.DataFrame) -> bool:
@@ -47,15 +48,15 @@ def _experiment_rows(runs: pd.DataFrame, name: str, table: Callable[[pd.DataFram
 def _at_ratio(exp: pd.DataFrame, ratio: float, color: Palette) -> pd.DataFrame:
     """One model's baseline and newest run of every strategy at `ratio`."""
     base = pick(exp, role="baseline")
-    strategies = color.ordered(select(exp, keep_ratio=ratio).strategy.dropna())
+    strategies = color.ordered(rows_where(exp, keep_ratio=ratio).strategy.dropna())
     return pd.DataFrame(([base] if base is not None else []) + [pick(exp, strategy=s, keep_ratio=ratio)
                                                                 for s in strategies])
 
 
-def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
     """PPL and accuracy per strategy at one keep_ratio, baseline included."""
-    seed = seed or load_seed()
-    config, color = seed["figures"]["strategy_comparison"], palette(runs, seed)
+    claims = claims or load_claims()
+    config, color = claims["figures"]["strategy_comparison"], palette(runs, claims)
     name, ratio = config["experiment"], config["keep_ratio"]
     fig, panels, tables = _experiment_rows(runs, name, lambda own: _at_ratio(own, ratio, color), 4.6)
     if not panels:
@@ -84,11 +85,11 @@ def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, s
     return fig
 
 
-def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
     """PPL and accuracy against keep_ratio for every strategy of one experiment, baseline as a band."""
-    seed = seed or load_seed()
-    name, color = seed["figures"]["keep_ratio_analysis"]["experiment"], palette(runs, seed)
-    fig, panels, grids = _experiment_rows(runs, name, lambda own: select(own).dropna(subset=["keep_ratio"]), 5.2)
+    claims = claims or load_claims()
+    name, color = claims["figures"]["keep_ratio_analysis"]["experiment"], palette(runs, claims)
+    fig, panels, grids = _experiment_rows(runs, name, lambda own: rows_where(own).dropna(subset=["keep_ratio"]), 5.2)
     if not panels:
         return no_data(fig, f"no compressed runs with {'/'.join(METRICS)} in experiment '{name}'")
     for model, exp, holder, axes in panels:
@@ -124,11 +125,11 @@ def _label(run: pd.Series) -> str:
     return text
 
 
-def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
     """Delta PPL % against delta accuracy % vs the baseline, one point per distinct config of any
     experiment, one panel per model."""
-    color = palette(runs, load_seed() if seed is None else seed)
-    exp = select(runs).dropna(subset=["delta_ppl_pct", "delta_accuracy_pct"])
+    color = palette(runs, load_claims() if claims is None else claims)
+    exp = rows_where(runs).dropna(subset=["delta_ppl_pct", "delta_accuracy_pct"])
     exp = exp.drop_duplicates(["strategy", "keep_ratio", "sort_by_time", "n_sink", "fix_kv_size", "model", "dataset"])
     exp = exp.assign(label=[_label(r) for _, r in exp.iterrows()])
     fig, panels = model_rows(per_model(runs, exp), 9, 6.5, ncols=1)
@@ -184,21 +185,21 @@ def _tradeoff_labels(ax, exp: pd.DataFrame, color: Palette) -> None:
                  [color(s) for s in points.strategy], markers, bars)
 
 
-def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> Figure:
+def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> Figure:
     """The seed's claimed improvements as paired effects with 95% CIs beside the claimed ranges,
     one row per model that ran their experiments."""
-    seed = seed or load_seed()
-    measured = runs[runs.experiment.isin({c["experiment"] for c in seed["claims"] if "improvement" in c})]
-    items, models = improvements(measured, texts, seed), per_model(runs, measured)
+    claims = claims or load_claims()
+    measured = runs[runs.experiment.isin({c["experiment"] for c in claims["claims"] if "improvement" in c})]
+    items, models = improvements(measured, texts, claims), per_model(runs, measured)
     fig, panels = model_rows(models or {i["model"]: measured for i in items[:1]}, 11, 4.2)  # no runs: one row
     if not items:
-        return no_data(fig, "seed.yaml names no improvement claims")
+        return no_data(fig, "claims.yaml names no improvement claims")
     for model, _, _, axes in panels:
         _improvement_row(axes, [i for i in items if i["model"] == model])
     panels[-1].holder.legend(handles=[
         Line2D([], [], color="tab:blue", marker="o", label=f"measured (paired {CI_LABEL})"),
         Patch(color="gold", alpha=0.4, label="seed's claimed range")], loc="outside lower center", ncols=2, fontsize=8)
-    title = seed["figures"].get("improvement_summary", {}).get("title", "The seed's improvements")
+    title = claims["figures"].get("improvement_summary", {}).get("title", "The seed's improvements")
     titles(fig, panels, title, describe, sep="\n")
     return fig
 
@@ -233,46 +234,24 @@ def _improvement_row(axes: np.ndarray, items: list[dict]) -> None:
         ax.grid(axis="x", alpha=0.3)
 
 
-def sweep_comparison(runs: pd.DataFrame, metrics: list[str], title: str) -> Figure:
-    """A sweep's runs side by side: one panel per metric, one row per run (`name`), with its
-    interval where `<metric>_lo`/`_hi` were logged and the baseline run (`role`) as a dashed line."""
-    runs = runs.assign(_base=runs.role.ne("baseline")).sort_values(["_base", "name"], kind="stable")
-    fig = Figure(figsize=(3.6 * len(metrics) + 1.6, 1.2 + 0.32 * len(runs)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
-    y = np.arange(len(runs))
-    has_ci = [{f"{m}_lo", f"{m}_hi"} <= set(runs.columns) for m in metrics]
-    for ax, metric, ci in zip(axes, metrics, has_ci):
-        values = runs[metric].to_numpy(float)
-        ax.errorbar(values, y, xerr=err(runs, metric) if ci else None, fmt="o", capsize=3, color="tab:blue")
-        for base in runs.loc[runs.role.eq("baseline"), metric]:
-            ax.axvline(base, ls="--", lw=1, color="0.4")
-        ax.set_xlabel(metric)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y, runs.name)
-    axes[0].invert_yaxis()
-    fig.suptitle(title + (f"\n(bars: {CI_LABEL})" if any(has_ci) else ""), fontsize=10)
-    return fig
-
-
-FIGURES: dict[str, Callable[..., Figure]] = {
-    "strategy_comparison.png": strategy_comparison,
-    "keep_ratio_analysis.png": keep_ratio_analysis,
-    "ppl_accuracy_tradeoff.png": ppl_accuracy_tradeoff,
-    "improvement_summary.png": improvement_summary,
-    "passkey_accuracy.png": passkey_accuracy,
-    "needle_heatmap.png": needle_heatmap,
-}
+def task_figures() -> dict[str, Callable[..., Figure]]:
+    """Every registered task's figures (`Task.figures`, tasks in registration order): file name -> function."""
+    out = {}
+    for task in TASKS.values():
+        for path in task.figures:
+            module, _, name = path.partition(":")
+            out[f"{name}.png"] = getattr(importlib.import_module(module), name)
+    return out
 
 
 def save_all(runs: pd.DataFrame, texts: pd.DataFrame, out_dir: str | Path = "results",
-             seed: dict | None = None) -> list[Path]:
-    """Write every figure; a figure whose runs are missing says so instead of failing."""
-    seed = seed or load_seed()
+             claims: dict | None = None) -> list[Path]:
+    """Write every task's figures; a figure whose runs are missing says so instead of failing."""
+    claims = claims or load_claims()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, draw in FIGURES.items():
-        draw(runs, texts, seed).savefig(out / name, dpi=150)
+    for name, draw in task_figures().items():
+        draw(runs, texts, claims).savefig(out / name, dpi=150)
         paths.append(out / name)
     return paths

@@ -1,9 +1,10 @@
 """results/metrics.json: the headline numbers DVC tracks (`dvc metrics show`, `dvc metrics diff`).
 
-Per model, task and strategy at the task's default compression setting (conf/config.yaml's
-`compress` node, overridden by the task's experiment preset if it has one: see
-scripts/make_metrics.py), the task's own numbers without their intervals, the baseline copies, the
-counts or the runner's resources. For `lm`: ppl and accuracy, plus delta_ppl_pct and
+Per model, task and strategy at the task's default compression setting (the `Compression` spec's
+defaults, overridden by the task's declared `setting`: retrieval reads a ratio of the prompt; the
+settings the spec leaves out of the headline setting, e.g. n_sink, may take any value), the
+task's own numbers without their intervals, the baseline copies, the counts or the runner's
+resources. For `lm`: ppl and accuracy, plus delta_ppl_pct and
 delta_accuracy_pct vs the uncompressed baseline (key `baseline`). Any other task's metrics come
 through the same rule. The task level is always there, so a metric's name does not change when a
 study adds a task.
@@ -16,10 +17,11 @@ from typing import Any
 
 import pandas as pd
 
-from knormpress.report.effects import pick, select
-from knormpress.report.runs import RUNNER_METRICS, metric_columns
+from knormpress.report.effects import pick, rows_where
+from knormpress.report.runs import RUNNER_METRICS, metric_columns, task_class
+from knormpress.settings import defaults, settings_of
+from knormpress.spec import Compression
 
-SETTING = ("fix_kv_size", "ratio", "when", "keep_ratio", "sort_by_time", "skip_layers", "positions", "interval")
 BASELINE = "baseline"
 DIGITS = 4  # decimals kept: float noise between identical runs must not show as a change
 
@@ -30,24 +32,30 @@ def headline_columns(runs: pd.DataFrame) -> list[str]:
             and not c.startswith(("baseline_", "n_"))]
 
 
-def at_setting(runs: pd.DataFrame, setting: dict[str, Any]) -> pd.DataFrame:
-    """Compressed runs at `setting` (the compress node's values for the SETTING keys)."""
-    where = {k: setting[k] for k in SETTING if k in setting}
-    if "skip_layers" in where:  # logged as a param, so a string like "[0, 1]"
-        where["skip_layers"] = str(list(where["skip_layers"]))
-    if "positions" in where:  # YAML's `true` is a boolean; the tidy table holds "true" or "rerotate"
-        where["positions"] = str(where["positions"]).lower()
-    return select(runs, **where)
+def task_setting(task: object, spec: type = Compression) -> dict[str, Any]:
+    """The compress node a task's headline numbers are read at: the spec's defaults and the task's `setting`."""
+    return defaults(spec) | task_class(task).setting
 
 
-def headline(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def at_setting(runs: pd.DataFrame, setting: dict[str, Any], spec: type = Compression) -> pd.DataFrame:
+    """Compressed runs at `setting` (a compress node), on the spec's headline settings, compared
+    as the tidy table holds them (a list as its logged text "[0, 1]"; YAML's `true` as "true")."""
+    where = {}
+    for s in settings_of(spec):
+        if s.headline and s.name in setting:
+            value = setting[s.name]
+            where[s.name] = str(list(value)) if s.sequence else str(value).lower() if isinstance(value, bool) and s.kind is str else value
+    return rows_where(runs, **where)
+
+
+def headline(runs: pd.DataFrame, settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """{model: {task: {strategy or "baseline": {metric: value}}}}, the newest run of each at
-    `settings[task]`, rounded."""
+    `settings[task]` (default: `task_setting`), rounded."""
     columns = headline_columns(runs)
     out: dict[str, Any] = {}
     for (model, task), rows in runs.groupby([runs.model.fillna("?"), runs.task.fillna("?")], sort=True):
         picked = {BASELINE: pick(rows, role="baseline")}
-        compressed = at_setting(rows, settings[task])
+        compressed = at_setting(rows, task_setting(None if task == "?" else task) if settings is None else settings[task])
         picked |= {s: pick(compressed, strategy=s) for s in sorted(compressed.strategy.dropna().unique())}
         numbers = {name: _numbers(run, columns) for name, run in picked.items() if run is not None}
         out.setdefault(model, {})[task] = numbers

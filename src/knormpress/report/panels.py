@@ -44,9 +44,9 @@ class Palette:
         return sorted(set(names), key=lambda s: (self.rank.get(s, len(self.rank)), s))
 
 
-def palette(runs: pd.DataFrame, seed: dict) -> Palette:
-    """The palette of the strategies in `runs`, configured by seed.yaml's figures."""
-    return Palette(runs.strategy.dropna().unique(), seed["figures"])
+def palette(runs: pd.DataFrame, claims: dict) -> Palette:
+    """The palette of the strategies in `runs`, configured by claims.yaml's figures."""
+    return Palette(runs.strategy.dropna().unique(), claims["figures"])
 
 
 def per_model(runs: pd.DataFrame, rows: pd.DataFrame) -> dict[str, pd.DataFrame]:

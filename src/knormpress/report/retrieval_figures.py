@@ -1,6 +1,6 @@
 """The retrieval figures: passkey accuracy against the compression ratio, and needle accuracy per
 depth x length for each strategy at one ratio, each model in its own row (`panels.model_rows`).
-Which experiment (and ratio) comes from seed.yaml (figures:); accuracy comes from the runs'
+Which experiment (and ratio) comes from claims.yaml (figures:); accuracy comes from the runs'
 metrics (Wilson intervals) and the per-trial rows."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from knormpress.report.claims import load_seed
-from knormpress.report.effects import pick, select
+from knormpress.report.claims import load_claims
+from knormpress.report.effects import pick, rows_where
 from knormpress.report.panels import BASELINE, err, model_rows, no_data, palette, per_model, titles
 from knormpress.report.summary import describe
 
@@ -18,13 +18,13 @@ WILSON = "95% Wilson interval over trials"
 HEATMAP_COLUMNS = 5  # needle panels per row of one model
 
 
-def passkey_accuracy(runs: pd.DataFrame, texts: pd.DataFrame | None = None, seed: dict | None = None) -> Figure:
+def passkey_accuracy(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
     """Accuracy (%) against compress.ratio, one line per strategy, the baseline as a dashed line and
     band; one panel per model."""
-    seed = seed or load_seed()
-    name, color = seed["figures"]["passkey_accuracy"]["experiment"], palette(runs, seed)
+    claims = claims or load_claims()
+    name, color = claims["figures"]["passkey_accuracy"]["experiment"], palette(runs, claims)
     models = per_model(runs, runs[runs.experiment == name])
-    grids = {m: select(own).dropna(subset=["ratio", "accuracy"]) for m, own in models.items()}
+    grids = {m: rows_where(own).dropna(subset=["ratio", "accuracy"]) for m, own in models.items()}
     drawn = {m: own for m, own in models.items() if not grids[m].empty}
     fig, panels = model_rows(drawn, 8, 5.2, ncols=1)
     if not drawn:
@@ -55,11 +55,11 @@ def _passkey_panel(ax, grid: pd.DataFrame, base: pd.Series | None, color) -> Non
     ax.legend(fontsize=8, loc="lower left", ncols=2, title=f"error bars: {WILSON}", title_fontsize=8)
 
 
-def needle_heatmap(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None) -> Figure:
+def needle_heatmap(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> Figure:
     """Accuracy per (depth, length) cell: the baseline and every strategy at the configured ratio,
     a block of panels per model."""
-    seed = seed or load_seed()
-    config, color = seed["figures"]["needle_heatmap"], palette(runs, seed)
+    claims = claims or load_claims()
+    config, color = claims["figures"]["needle_heatmap"], palette(runs, claims)
     name, ratio = config["experiment"], config["ratio"]
     models = per_model(runs, runs[runs.experiment == name])
     shown = {m: _needle_runs(exp, ratio, color) for m, exp in models.items()}
@@ -98,5 +98,5 @@ def needle_heatmap(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = 
 def _needle_runs(exp: pd.DataFrame, ratio: float, color) -> list[tuple[str, pd.Series]]:
     """(panel title, run): one model's baseline, then its newest run of each strategy at `ratio`."""
     panels = [(BASELINE, pick(exp, role="baseline"))]
-    panels += [(s, pick(exp, strategy=s, ratio=ratio)) for s in color.ordered(select(exp, ratio=ratio).strategy.dropna())]
+    panels += [(s, pick(exp, strategy=s, ratio=ratio)) for s in color.ordered(rows_where(exp, ratio=ratio).strategy.dropna())]
     return [(label, run) for label, run in panels if run is not None]

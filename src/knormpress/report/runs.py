@@ -1,54 +1,104 @@
 """Runs as tidy tables: read from MLflow, written to and read back from the exported CSVs.
 
-One row per run: fixed identity columns (what was run, from params and tags) and one column per
-metric the runs logged (curves, i.e. metric histories, left out), whatever the task: the lm task's
-and the runner's known metrics first in a fixed order (so old and new CSVs line up), then any
-others sorted by name. Per-text rows come from each run's `per_text.csv` artifact (one row per
-sample) with the run id added.
+One row per run: identity columns (what was run, from params and tags; the compression's come
+from the `Compression` spec's settings, typed as their fields are) and one column per metric the
+runs logged (curves, i.e. metric histories, left out), whatever the task. Metric columns: the
+legacy task's (`lm`, what runs without a task column ran) and the runner's always, in a fixed
+order (so old and new CSVs line up), then each task's declared `columns` that some run logged,
+then any others sorted by name. The strategy column is the strategy's label (its name, plus the
+settings that differ from their defaults: `h2o[normalise=mean]`), so variants stay apart; older
+exports hold the name alone, which is the label of the default variant. Per-text rows come from
+each run's `per_text.csv` artifact (one row per sample) with the run id added.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import MISSING, dataclass
+from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from knormpress.errors import ConfigError
+from knormpress.settings import settings_of
+from knormpress.spec import Compression
+from knormpress.tasks import TASKS, Task
 
-HEAD = ["run_id", "experiment", "role", "task", "strategy", "keep_ratio", "fix_kv_size", "sort_by_time",
-        "n_sink", "skip_layers", "positions", "interval", "ratio", "when"]
+FIRST = ["strategy", "keep_ratio", "fix_kv_size", "sort_by_time", "n_sink", "skip_layers"]  # the first exports'
+# compression columns in their order (old and new CSVs line up); later settings follow in field order
 TAIL = ["model", "model_source", "dataset", "engine", "max_tokens", "n_samples", "eval_seed", "config_hash",
         "baseline_key", "sweep", "git_commit", "git_dirty", "start_time"]
-IDENTITY = HEAD + TAIL
-PARAMS = {  # identity column -> MLflow param(s), the first one logged wins (older runs: the later names)
-    "task": ["task.name"], "strategy": ["compress.strategy.name", "compress.strategy"],
-    "keep_ratio": ["compress.keep_ratio"], "fix_kv_size": ["compress.fix_kv_size"],
-    "sort_by_time": ["compress.sort_by_time"], "n_sink": ["compress.n_sink"], "skip_layers": ["compress.skip_layers"],
-    "positions": ["compress.positions"], "interval": ["compress.interval"],
-    "ratio": ["compress.ratio"], "when": ["compress.when"],
-    "model": ["model.name"], "model_source": ["model.source.kind", "model.source"], "dataset": ["dataset.source"],
-    "max_tokens": ["eval.max_tokens"], "n_samples": ["eval.n_samples"], "eval_seed": ["eval.seed"],
+LEGACY_TASK = "lm"  # what runs without a task column ran: its metric columns are in every table
+RUNNER_METRICS = ["kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "memory_saving_pct",
+                  "tokens_per_s", "wall_s"]  # logged for every task
+OTHER_PARAMS = {  # identity column -> MLflow param(s), the first one logged wins (older runs: the later names)
+    "task": ["task.name"], "model": ["model.name"], "model_source": ["model.source.kind", "model.source"],
+    "dataset": ["dataset.name", "dataset.source"], "max_tokens": ["eval.max_tokens"], "n_samples": ["eval.n_samples"],
+    "eval_seed": ["eval.seed"],
 }  # params are the flattened resolved config; a param wins over a tag of the same column
 TAGGED = ["role", "task", "strategy", "model", "engine", "config_hash", "baseline_key", "sweep", "git_commit",
           "git_dirty"]  # identity columns named like their field in knormpress.tracking.TAGS
-LM_METRICS = [
-    "ppl", "ppl_lo", "ppl_hi", "accuracy", "accuracy_lo", "accuracy_hi", "baseline_ppl", "baseline_accuracy",
-    "delta_ppl_pct", "delta_ppl_pct_lo", "delta_ppl_pct_hi", "delta_accuracy_pct", "delta_accuracy_pct_lo",
-    "delta_accuracy_pct_hi", "n_texts", "n_tokens",
-]
-RUNNER_METRICS = ["kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "memory_saving_pct",
-                  "tokens_per_s", "wall_s"]  # logged for every task
-KNOWN_METRICS = LM_METRICS + RUNNER_METRICS
-INTS = ["fix_kv_size", "n_sink", "interval", "n_texts", "n_tokens", "max_tokens", "n_samples", "eval_seed", "start_time"]
-BOOLS = ["sort_by_time", "git_dirty"]
-BEFORE = {"positions": "true", "interval": 1, "when": "streaming"}  # what compressed runs logged before these settings existed did
 PER_TEXT = "per_text.csv"  # the run artifact: one row per sample
 TEXT_COLUMNS = ["run_id", "text_id", "title", "n_tokens", "nll_sum", "n_correct"]  # lm columns, in this order
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The identity columns of a spec class's runs, and how each is typed."""
+
+    head: list[str]  # run, experiment, role, task, then the compression's columns
+    params: dict[str, list[str]]
+    ints: list[str]
+    floats: list[str]
+    bools: list[str]
+    texts: list[str]  # read back as text even where a CSV reader sees booleans (positions: true)
+    before: dict[str, object]  # what compressed runs logged before these settings existed computed
+
+    @property
+    def identity(self) -> list[str]:
+        return self.head + TAIL
+
+
+@cache
+def schema(spec: type = Compression) -> Schema:
+    """The tidy table's identity columns, derived from the spec's settings (see the module docstring)."""
+    settings = settings_of(spec)
+    names = ["strategy", *(s.name for s in settings)]
+    compress = [c for c in FIRST if c in names] + [c for c in names if c not in FIRST]
+    of = {kind: [s.name for s in settings if s.kind is kind and not s.sequence] for kind in (int, float, bool, str)}
+    params = {"strategy": ["compress.strategy.name", "compress.strategy"], **{s.name: [f"compress.{s.name}"] for s in settings},
+              **OTHER_PARAMS}
+    return Schema(["run_id", "experiment", "role", "task", *compress], params,
+                  of[int] + list(task_class(LEGACY_TASK).sizes) + ["max_tokens", "n_samples", "eval_seed", "start_time"],
+                  of[float],
+                  of[bool] + ["git_dirty"], of[str], {s.name: s.before for s in settings if s.before is not MISSING})
+
+
+def task_class(name: object) -> type[Task]:
+    """The registered task of that name; the legacy task for runs that logged none; the base
+    class's defaults for a task this process does not know (a plug-in not imported)."""
+    name = LEGACY_TASK if name is None or pd.isna(name) else name
+    return TASKS.get(name, Task)
+
+
+HEAD = schema().head
+IDENTITY = schema().identity
+
+
+def metric_order(rows: pd.DataFrame, spec: type = Compression) -> list[str]:
+    """The metric columns of a tidy table in order (see the module docstring)."""
+    fixed = [*task_class(LEGACY_TASK).columns, *RUNNER_METRICS]
+    logged = sorted(c for c in rows.columns if c not in schema(spec).identity and c not in fixed)
+    tasks = dict.fromkeys(task_class(t) for t in rows.get("task", pd.Series(dtype=object)).dropna().unique())
+    declared = [c for task in tasks for pattern in task.columns for c in fnmatch.filter(logged, pattern)]
+    return fixed + list(dict.fromkeys(declared + logged))
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
@@ -56,21 +106,22 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
     return [c for c in runs.columns if c not in IDENTITY]
 
 
-def tidy(rows: pd.DataFrame) -> pd.DataFrame:
+def tidy(rows: pd.DataFrame, spec: type = Compression) -> pd.DataFrame:
     """Fixed columns, dtypes and row order, whether the rows come from MLflow (strings) or a CSV.
     Rows: per experiment, baselines first, then by strategy, keep_ratio, sorted before unsorted."""
-    extra = sorted(c for c in rows.columns if c not in IDENTITY and c not in KNOWN_METRICS)
-    df = rows.reindex(columns=[*HEAD, *KNOWN_METRICS, *extra, *TAIL])
+    s = schema(spec)
+    df = rows.reindex(columns=[*s.head, *metric_order(rows, spec), *TAIL])
     for col in df.columns:
-        if col in INTS:
+        if col in s.ints:
             df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
-        elif col in ("keep_ratio", "ratio") or col not in IDENTITY:
+        elif col in s.floats or col not in s.identity:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    for col in BOOLS:
+    for col in s.bools:
         df[col] = df[col].astype(str).str.lower().map({"true": True, "false": False}).astype("boolean")
-    df["positions"] = df.positions.map(lambda v: v if pd.isna(v) else str(v).lower()).astype(object)  # CSV: True
-    df["when"] = df["when"].astype(object)  # all blank in older exports: float otherwise
-    for col, value in BEFORE.items():
+    for col in s.texts:  # a CSV reader turns a column of "true" into booleans
+        df[col] = df[col].map(lambda v: v if pd.isna(v) else str(v).lower() if isinstance(v, (bool, np.bool_))
+                              else str(v)).astype(object)
+    for col, value in s.before.items():
         df.loc[df.role.ne("baseline") & df[col].isna(), col] = value
     keys = df.assign(_compressed=df.role.ne("baseline"), _unsorted=~df.sort_by_time.fillna(True))
     keys = keys.sort_values(["experiment", "_compressed", "strategy", "keep_ratio", "positions", "_unsorted", "interval"],
@@ -119,7 +170,8 @@ def _paged(search: Callable, *args, **kwargs) -> list:
             return found
 
 
-def _row(run, experiment: str, tag_names: dict[str, str]) -> dict:
+def _row(run, experiment: str, tag_names: dict[str, str], spec: type = Compression) -> dict:
+    from knormpress.strategies import label
     from knormpress.tracking import HISTORY_PREFIX
 
     params, tags = run.data.params, run.data.tags
@@ -127,8 +179,11 @@ def _row(run, experiment: str, tag_names: dict[str, str]) -> dict:
     row = {k: v for k, v in run.data.metrics.items() if not k.startswith(HISTORY_PREFIX)}
     row |= {"run_id": run.info.run_id, "experiment": experiment, "start_time": run.info.start_time}
     row |= {col: tags.get(tag_names.get(col, "")) for col in TAGGED}
-    for col, keys in PARAMS.items():
+    for col, keys in schema(spec).params.items():
         row[col] = next((params[k] for k in keys if k in params), row.get(col))
+    strategy = {k.removeprefix("compress.strategy."): v for k, v in params.items() if k.startswith("compress.strategy.")}
+    if "name" in strategy:  # its label: variants of one strategy stay apart
+        row["strategy"] = label(strategy)
     return row
 
 

@@ -1,7 +1,7 @@
 """results/summary.md: the verdict rules, the setup, a verdict per seed claim, the seed's tables
 rebuilt from our runs beside the seed's numbers, and every experiment's runs with their metrics.
 
-Which tables, claims and experiments come from `seed.yaml`; any other experiment or task in the
+Which tables, claims and experiments come from `claims.yaml`; any other experiment or task in the
 results simply appears in the last section with whatever metrics its runs logged. With runs of
 several models (the `model` column), the setup, the claims, the seed's tables and the runs are
 given per model, in `effects.by_model` order (most experiments first, then by name); claims and
@@ -17,12 +17,12 @@ import pandas as pd
 from knormpress.metrics import LEVEL, N_BOOT
 from knormpress.report.agreement import engine_lines
 from knormpress.report.kvpress_parity import parity_block
-from knormpress.report.claims import claims, load_seed, notes, rule_lines
-from knormpress.report.effects import IDENTICAL_RTOL, UNKNOWN_MODEL, by_model, effect, pick, select
-from knormpress.report.runs import RUNNER_METRICS, metric_columns
+from knormpress.report.claims import load_claims, notes, rule_lines, verdicts
+from knormpress.report.effects import IDENTICAL_RTOL, UNKNOWN_MODEL, by_model, effect, pick, rows_where
+from knormpress.report.runs import HEAD, RUNNER_METRICS, metric_columns, task_class
 
-COMPRESS = ["strategy", "keep_ratio", "fix_kv_size", "ratio", "when", "sort_by_time", "n_sink", "skip_layers", "positions",
-            "interval"]
+LEAD = ["strategy", "keep_ratio", "fix_kv_size", "ratio", "when"]  # the budget, shown first; then the other settings
+COMPRESS = LEAD + [c for c in HEAD[HEAD.index("strategy"):] if c not in LEAD]  # in the tables' column order
 SETTINGS = COMPRESS + ["task", "model", "dataset", "max_tokens", "n_samples", "eval_seed"]
 
 
@@ -53,11 +53,12 @@ def describe(runs: pd.DataFrame) -> str:
     def values(col: str) -> str:
         return "/".join(sorted({str(v) for v in runs[col].dropna()})) or "?"
 
-    if pd.isna(ref.n_texts) and not pd.isna(ref.get("n_trials", float("nan"))):  # retrieval: prompts, not texts
-        return f"{values('model')} on {values('dataset')}, {int(ref.n_trials)} prompts per run"
-    n_texts = "?" if pd.isna(ref.n_texts) else f"{int(ref.n_texts)}"
-    n_tokens = "?" if pd.isna(ref.n_tokens) else f"{int(ref.n_tokens):,}"
-    return f"{values('model')} on {values('dataset')}, {n_texts} texts, {n_tokens} predicted tokens per run"
+    def count(metric: str) -> str:
+        value = ref.get(metric)
+        return "?" if value is None or pd.isna(value) else f"{int(value):,}"
+
+    read = ", ".join(f"{count(m)} {words}" for m, words in task_class(ref.get("task")).sizes.items())
+    return f"{values('model')} on {values('dataset')}, {read} per run"
 
 
 def _by_experiment(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -73,7 +74,7 @@ def _suffix(model: str, models: dict) -> str:
 
 def strategy_table(runs: pd.DataFrame, keep_ratio: float, seed_rows: dict) -> pd.DataFrame:
     """Baseline and every strategy at `keep_ratio`, ours (95% CI) beside the seed's number."""
-    at_ratio = select(runs, keep_ratio=keep_ratio)
+    at_ratio = rows_where(runs, keep_ratio=keep_ratio)
     names = list(seed_rows) + sorted(set(at_ratio.strategy.dropna()) - set(seed_rows))
     out = []
     for name in names:
@@ -110,29 +111,29 @@ def grid_table(runs: pd.DataFrame, strategies: list[str], seed_grid: dict) -> pd
     return pd.DataFrame(out)
 
 
-def seed_tables(runs: pd.DataFrame, seed: dict | None = None) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+def seed_tables(runs: pd.DataFrame, claims: dict | None = None) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """The seed's tables rebuilt from `runs`: (title, the experiment's runs, table) each, every
     table once per model (`by_model` order; the title names the model when there are several)."""
-    seed = seed or load_seed()
+    claims = claims or load_claims()
     models = by_model(runs) or {UNKNOWN_MODEL: runs}
     return [(title + _suffix(model, models), exp, table)
-            for model, own in models.items() for title, exp, table in _model_tables(own, seed)]
+            for model, own in models.items() for title, exp, table in _model_tables(own, claims)]
 
 
-def _model_tables(runs: pd.DataFrame, seed: dict) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+def _model_tables(runs: pd.DataFrame, claims: dict) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """The seed's tables from one model's runs. A table whose experiment is null uses the first
     experiment with compressed runs at its keep_ratio."""
     by_exp = _by_experiment(runs)
     out = []
-    for number, spec in enumerate(seed["tables"], 1):
+    for number, spec in enumerate(claims["tables"], 1):
         name, ratio = spec.get("experiment"), spec.get("keep_ratio")
         if name is None:
-            name = next((n for n, r in by_exp.items() if not select(r, keep_ratio=ratio).empty), None)
+            name = next((n for n, r in by_exp.items() if not rows_where(r, keep_ratio=ratio).empty), None)
         where = f"experiment `{name}`" if name else f"not run, no preset uses keep_ratio {ratio:g}"
         note = f"seed: {spec['note']}; ours: " if "note" in spec else ""
         exp = by_exp.get(name, runs.iloc[:0])
         if spec["kind"] == "grid":  # no strategies named: every compressed one
-            strategies = spec.get("strategies") or sorted(select(exp).strategy.dropna().unique())
+            strategies = spec.get("strategies") or sorted(rows_where(exp).strategy.dropna().unique())
             table = grid_table(exp, strategies, spec["seed"])
         else:
             table = strategy_table(exp, ratio, spec["seed"])
@@ -151,7 +152,7 @@ def sweep_table(runs: pd.DataFrame, texts: pd.DataFrame, spec: dict) -> pd.DataF
     exp, col = runs[runs.experiment == spec["experiment"]], spec["column"]
     ref = pick(exp, **{col: spec["reference"]})
     out = []
-    for value in sorted(select(exp)[col].dropna().unique().tolist()):
+    for value in sorted(rows_where(exp)[col].dropna().unique().tolist()):
         r = pick(exp, **{col: value})
         row = {col: _num(value), "PPL [95% CI]": _fmt(r.ppl, r.ppl_lo, r.ppl_hi),
                "Acc % [95% CI]": _fmt(r.accuracy, r.accuracy_lo, r.accuracy_hi, scale=100)}
@@ -162,10 +163,10 @@ def sweep_table(runs: pd.DataFrame, texts: pd.DataFrame, spec: dict) -> pd.DataF
     return pd.DataFrame(out)
 
 
-def _sweeps(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict, suffix: str = "") -> list[str]:
-    """One section per `sweeps` entry of seed.yaml that this model's runs swept."""
+def _sweeps(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict, suffix: str = "") -> list[str]:
+    """One section per `sweeps` entry of claims.yaml that this model's runs swept."""
     parts = []
-    for spec in seed.get("sweeps", []):
+    for spec in claims.get("sweeps", []):
         exp = runs[runs.experiment == spec["experiment"]]
         table = sweep_table(runs, texts, spec)
         if not table.empty:
@@ -236,18 +237,18 @@ def _setup(models: dict[str, pd.DataFrame]) -> list[str]:
     return parts or ["no runs"]
 
 
-def seed_models(runs: pd.DataFrame, seed: dict) -> dict[str, pd.DataFrame]:
+def seed_models(runs: pd.DataFrame, claims: dict) -> dict[str, pd.DataFrame]:
     """The runs of each model that ran an experiment a seed claim or table names (every model if
     none did), in `by_model` order: the models that get the seed's claims and tables."""
-    named = ({c["experiment"] for c in seed["claims"]} | {t.get("experiment") for t in seed["tables"]}
-             | {s["experiment"] for s in seed.get("sweeps", [])})
+    named = ({c["experiment"] for c in claims["claims"]} | {t.get("experiment") for t in claims["tables"]}
+             | {s["experiment"] for s in claims.get("sweeps", [])})
     models = by_model(runs) or {UNKNOWN_MODEL: runs}
     return {m: own for m, own in models.items() if own.experiment.isin(named).any()} or models
 
 
 # ---- the whole summary -----------------------------------------------------------------------------
 
-def rules(seed: dict) -> str:
+def rules(claims: dict) -> str:
     lines = [
         "## How verdicts are decided", "",
         "- A claim compares two runs on the same texts: the effect is the relative change (%) of PPL or",
@@ -261,31 +262,31 @@ def rules(seed: dict) -> str:
         "- **inconclusive**: anything else, e.g. the interval contains 0, or no per-text data pair the runs.",
         "- **not measurable**: a run the claim needs is missing.",
         '- A claim over several comparisons holds only if every one holds; one "does not hold" decides it.',
-        *(f"- {line}" for line in rule_lines(seed)),
-        f"- Seed numbers come from a different setup ({seed['setup']}); compare",
+        *(f"- {line}" for line in rule_lines(claims)),
+        f"- Seed numbers come from a different setup ({claims['setup']}); compare",
         "  directions and relative changes, not absolute PPL.",
     ]
     return "\n".join(lines)
 
 
-def summary_markdown(runs: pd.DataFrame, texts: pd.DataFrame, seed: dict | None = None,
+def summary_markdown(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None,
                      engines: list[dict] | None = None, parity: list[dict] | None = None) -> str:
     """results/summary.md from the tidy run and per-text tables; `engines`: `read_engine_agreement`'s rows;
     `parity`: `read_parity`'s (the agreement with NVIDIA kvpress, quoted after the setup)."""
-    seed = seed or load_seed()
-    models, seeded = by_model(runs), seed_models(runs, seed)
+    claims = claims or load_claims()
+    models, seeded = by_model(runs), seed_models(runs, claims)
     engine_block = "\n".join(engine_lines(engines or []))
     parts = [
         "# Results: the seed's claims re-measured",
         "Generated by `scripts/make_summary.py` from the runs exported to `results/`; do not edit by hand.",
-        rules(seed), "## Setup", *_setup(models), *([engine_block] if engine_block else []),
+        rules(claims), "## Setup", *_setup(models), *([engine_block] if engine_block else []),
         *(["## Agreement with NVIDIA kvpress", parity_block(parity)] if parity else []),
     ]
     for model, own in seeded.items():  # each model's claims measured on its own runs only
         suffix = _suffix(model, seeded)
-        parts += [f"## Seed claims{suffix}", markdown_table(claims(own, texts, seed).drop(columns="model")), *notes(seed)]
-        for title, exp_runs, table in _model_tables(own, seed):
-            parts += [f"## {title}{suffix}", f"Ours: {describe(exp_runs)}. Seed: {seed['setup']}.",
+        parts += [f"## Seed claims{suffix}", markdown_table(verdicts(own, texts, claims).drop(columns="model")), *notes(claims)]
+        for title, exp_runs, table in _model_tables(own, claims):
+            parts += [f"## {title}{suffix}", f"Ours: {describe(exp_runs)}. Seed: {claims['setup']}.",
                       markdown_table(table)]
-        parts += _sweeps(own, texts, seed, suffix)
+        parts += _sweeps(own, texts, claims, suffix)
     return "\n\n".join(parts + _experiments(runs, models)) + "\n"

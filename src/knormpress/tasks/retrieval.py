@@ -19,15 +19,17 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
 
 from knormpress.errors import ConfigError
 from knormpress.metrics import interval, resample_texts, wilson
-from knormpress.tasks import DatasetInfo, Outcome, Task, register_task, text_source
+from knormpress.tasks import DatasetInfo, Outcome, Task, register_task
+
+if TYPE_CHECKING:
+    import torch
 
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s*$")
 NUMBER = re.compile(r"\d+")
@@ -55,6 +57,12 @@ class Retrieval(Task):
     trials: int = 2
     max_new_tokens: int = 8
     key_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
+    columns: ClassVar[tuple[str, ...]] = (
+        "accuracy", "accuracy_lo", "accuracy_hi", "baseline_accuracy", "delta_accuracy_pct", "delta_accuracy_pct_lo",
+        "delta_accuracy_pct_hi", "accuracy_len*", "kv_bytes_answer", "kv_tokens_answer", "n_trials")
+    sizes: ClassVar[dict[str, str]] = {"n_trials": "prompts"}
+    setting: ClassVar[dict[str, Any]] = {"fix_kv_size": None, "ratio": 0.5, "when": "prefill"}  # the KnormPress paper's
+    # protocol: the prompt read whole, pruned once to half of it (the presets sweep the ratio from there)
     instruction: ClassVar[str]
 
     def __post_init__(self) -> None:
@@ -73,7 +81,7 @@ class Retrieval(Task):
         """(key, the sentence that holds it, the question that asks for it)."""
         raise NotImplementedError
 
-    def fillers(self, bundle: Any, dataset: dict, ev: Any, cache: Any, need: int) -> list[list[int]]:
+    def fillers(self, bundle: Any, dataset: Any, ev: Any, cache: Any, need: int) -> list[list[int]]:
         """Filler token ids per trial, at least `need` long."""
         raise NotImplementedError
 
@@ -89,6 +97,8 @@ class Retrieval(Task):
                               "compress.ratio instead")
 
     def samples(self, bundle, dataset, ev, cache):
+        import torch
+
         from knormpress.sources.texts import leading_specials
 
         context = getattr(bundle.model.config, "max_position_embeddings", None)
@@ -122,9 +132,9 @@ class Retrieval(Task):
         return DatasetInfo(name, source_type, source, {"prompts": sum(len(s.trials) for s in samples),
                                                        "tokens": sum(s.input_ids.numel() for s in samples)})
 
-    def source(self, dataset: dict) -> tuple[str, str, dict[str, Any]]:
+    def source(self, dataset: Any) -> tuple[str, str, dict[str, Any]]:
         """Name, MLflow source type and source of the filler (default: the dataset's texts)."""
-        return text_source(dataset)
+        return dataset.source()
 
     def run(self, model, sample, compression, engine, progress):
         from knormpress.engines.prompt import generate
@@ -213,6 +223,7 @@ class Passkey(Retrieval):
     key in a line repeated in between the same filler sentences over and over."""
 
     name = "passkey"
+    figures = ("knormpress.report.retrieval_figures:passkey_accuracy",)
     instruction = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                    "I will quiz you about the important information there.")
     filler: ClassVar[str] = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -237,6 +248,7 @@ class Needle(Retrieval):
     inside real text from the dataset (each trial its own text, the same one at every depth)."""
 
     name = "needle"
+    figures = ("knormpress.report.retrieval_figures:needle_heatmap",)
     instruction = ("A special magic number is hidden somewhere in the following text. Find it and memorize it. "
                    "I will quiz you about it afterwards.")
     words: ClassVar[tuple[str, ...]] = ("apple", "river", "lantern", "violin", "harbor", "meadow", "copper", "falcon",
