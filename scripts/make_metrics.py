@@ -1,12 +1,14 @@
 """Write results/metrics.json, the headline numbers DVC tracks (`dvc metrics show`, `dvc metrics
 diff`): per model, task and strategy at the task's default compression setting (the Compression
 spec's defaults and the task's declared `setting`: knormpress.report.headline), from the CSVs
-written by scripts/export_results.py."""
+written by scripts/export_results.py; and each model's verdicts on the seed's claims under `claims`
+(knormpress.report.claims.verdict_metrics), in the summary's words."""
 
 import argparse
 import json
 from pathlib import Path
 
+from knormpress.report.claims import verdict_metrics
 from knormpress.report.headline import headline
 from knormpress.report.runs import parse_and_read
 
@@ -14,9 +16,12 @@ from knormpress.report.runs import parse_and_read
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", help="output file (default: <results>/metrics.json)")
-    args, runs, _ = parse_and_read(parser)
+    args, runs, texts = parse_and_read(parser)
     out = Path(args.out or Path(args.results) / "metrics.json")
-    out.write_text(json.dumps(headline(runs), indent=2) + "\n")
+    numbers = headline(runs)
+    for model, verdicts in verdict_metrics(runs, texts).items():
+        numbers.setdefault(model, {})["claims"] = verdicts
+    out.write_text(json.dumps(numbers, indent=2) + "\n")
     print("wrote", out)
 
 

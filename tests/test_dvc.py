@@ -14,6 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from knormpress.config import CONF_DIR, validate
+from knormpress.report.effects import category
 
 pytestmark = pytest.mark.slow  # a dozen dvc commands, seconds each
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,9 @@ def test_metrics_show_and_diff_read_the_headline_numbers(repo):
     (data,) = [v["data"]["results/metrics.json"]["data"] for v in shown.values()]
     tasks = {t for name in ("strategies", "passkey", "needle") if (repo / "results" / f"{name}.csv").exists()
              for t in pd.read_csv(repo / "results" / f"{name}.csv").task.dropna()}
-    assert set(data[keep_low.model]) == tasks and "lm" in tasks  # one level per task, even for one task
+    assert set(data[keep_low.model]) == tasks | {"claims"} and "lm" in tasks  # one level per task, even for one task
+    words = {category(v) for v in data[keep_low.model]["claims"].values()}  # the summary's verdict words
+    assert words and words <= {"holds", "direction holds", "does not hold", "inconclusive", "not measurable"}
     model = data[keep_low.model]["lm"]
     own = runs[(runs.model == keep_low.model) & (runs.role == "compressed")]
     assert set(model) == {"baseline", *own.strategy} and {"keep_low", "h2o", "tova", "keydiff"} <= set(model)
@@ -132,7 +135,7 @@ def test_metrics_show_and_diff_read_the_headline_numbers(repo):
     assert model["keep_low"] == pytest.approx({k: keep_low[k] for k in ("ppl", "accuracy", "delta_ppl_pct", "delta_accuracy_pct")},
                                               abs=1e-4)
     name = f"{keep_low.model}.lm.keep_low.ppl"
-    assert name in sh(repo, DVC, "metrics", "show")
+    assert name in sh(repo, DVC, "metrics", "show") and f"{keep_low.model}.claims.memory_saving" in sh(repo, DVC, "metrics", "show")
 
     metrics = repo / "results" / "metrics.json"
     text = metrics.read_text()

@@ -11,7 +11,7 @@ import pytest
 
 from knormpress.metrics import resample_texts
 from knormpress.report.effects import (FAILS, HIGHER, HOLDS, INCONCLUSIVE, LOWER, UNMEASURABLE, Effect, by_model,
-                                       combine, effect, pick, rows_where, verdict)
+                                       category, combine, effect, pick, rows_where, verdict)
 
 
 def two_runs(a_ppl: tuple[float, float], b_ppl: tuple[float, float], a_correct: tuple[int, int],
@@ -87,14 +87,19 @@ def test_metrics_without_per_text_sums_get_no_interval():
 
 @pytest.mark.parametrize(("lo", "hi", "claimed", "want"), [
     (-4.0, -1.0, (-5.0, -2.0), HOLDS),
-    (-9.0, -7.0, (-5.0, -2.0), HOLDS),  # larger than claimed still holds
-    (-1.5, -0.5, (-5.0, -2.0), FAILS),  # clearly smaller than claimed
+    (-9.0, -7.0, (-5.0, -2.0), "direction holds, 1.6x larger than claimed"),  # estimate -8: 8 / 5
+    (-1.5, -0.5, (-5.0, -2.0), "direction holds, 2x smaller than claimed"),  # estimate -1: 2 / 1
+    (-1.5, 0.5, (-5.0, -2.0), FAILS),  # contains 0 and cannot reach -2
+    (-65.0, -60.0, (-5.0, -2.0), "direction holds, 12x larger than claimed"),  # 62.5 / 5 = 12.5, 2 digits
     (-3.0, 1.0, (-5.0, -2.0), INCONCLUSIVE),
     (0.5, 2.0, LOWER, FAILS),  # wrong side of 0
     (0.0, 0.0, HIGHER, FAILS),  # e.g. the same accuracy on every resample
     (-0.5, 2.0, HIGHER, INCONCLUSIVE),
     (1.2, 3.0, (1.0, 2.0), HOLDS),
-    (0.2, 0.9, (1.0, 2.0), FAILS),
+    (0.2, 0.9, (1.0, 2.0), "direction holds, 1.8x smaller than claimed"),  # 1 / 0.55
+    (-0.2, 0.9, (1.0, 2.0), FAILS),
+    (-0.2, 1.1, (1.0, 2.0), INCONCLUSIVE),
+    (30.0, 70.0, HIGHER, HOLDS),  # a direction-only claim has no size to miss
     (0.2, 1.5, (1.0, 2.0), HOLDS),
 ])
 def test_verdict_rules(lo, hi, claimed, want):
@@ -107,12 +112,21 @@ def test_verdict_without_runs_or_intervals():
     assert verdict(Effect(-3.0), LOWER) == INCONCLUSIVE
 
 
+LARGER3 = "direction holds, 3x larger than claimed"
+
+
 @pytest.mark.parametrize(("verdicts", "want"), [
     ([], UNMEASURABLE), ([HOLDS, HOLDS], HOLDS), ([HOLDS, INCONCLUSIVE], INCONCLUSIVE),
     ([INCONCLUSIVE, UNMEASURABLE], UNMEASURABLE), ([UNMEASURABLE, FAILS, HOLDS], FAILS),
+    ([HOLDS, LARGER3], LARGER3), ([LARGER3, INCONCLUSIVE], INCONCLUSIVE),
 ])
 def test_combine(verdicts, want):
     assert combine(verdicts) == want
+
+
+def test_category_drops_the_factor():
+    assert category(LARGER3) == category("direction holds, 2x smaller than claimed") == "direction holds"
+    assert [category(v) for v in (HOLDS, FAILS, INCONCLUSIVE, UNMEASURABLE)] == [HOLDS, FAILS, INCONCLUSIVE, UNMEASURABLE]
 
 
 def test_rows_where_and_pick():

@@ -34,6 +34,9 @@ def load_claims(path: str | Path | None = None) -> dict:
         if key not in claims:
             raise ConfigError(f"{source}: missing top-level key {key!r}")
     for claim in claims["claims"]:
+        if not str(claim.get("key", "")).isidentifier():
+            raise ConfigError(f"{source}: claim {claim.get('claim')!r} needs a `key`, a name like keep_low_vs_random_ppl "
+                              f"(its name in results/metrics.json), got {claim.get('key')!r}")
         if claim.get("kind") not in KINDS:
             raise ConfigError(f"{source}: claim {claim.get('claim')!r} has unknown kind {claim.get('kind')!r}; "
                               f"choose one of {', '.join(KINDS)}")
@@ -135,7 +138,8 @@ def expanded(claims: dict) -> list[dict]:
         (col, values), = claim["per"].items()
         for value in values:
             where = {col: value}
-            one = {k: v for k, v in claim.items() if k != "per"} | {"claim": f"{claim['claim']} ({col}={value})"}
+            one = {k: v for k, v in claim.items() if k != "per"} | {"claim": f"{claim['claim']} ({col}={value})",
+                                                                     "key": f"{claim['key']}_{col}_{value}"}
             one |= {k: claim[k] | where for k in SELECTORS if k in claim}
             if "b" in claim:
                 one["b"] = {label: sel | where for label, sel in claim["b"].items()}
@@ -151,11 +155,21 @@ def _models(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def verdicts(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> pd.DataFrame:
     """One row per model and seed claim (per value of its `per` column; models in `by_model`
-    order): what it says, what was claimed, what we measured on that model's runs, the verdict."""
+    order): what it says, what was claimed, what we measured on that model's runs, the verdict, and
+    the claim's key."""
     claims = claims or load_claims()
-    rows = [{"model": model, "claim": c["claim"]} | KINDS[c["kind"]](c, own, texts)
+    rows = [{"model": model, "claim": c["claim"]} | KINDS[c["kind"]](c, own, texts) | {"key": c["key"]}
             for model, own in _models(runs).items() for c in expanded(claims)]
-    return pd.DataFrame(rows, columns=["model", "claim", "claimed", "measured", "verdict"])
+    return pd.DataFrame(rows, columns=["model", "claim", "claimed", "measured", "verdict", "key"])
+
+
+def verdict_metrics(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> dict[str, dict[str, str]]:
+    """{model: {claim key: verdict}}: the verdicts in the words of the summary, for results/metrics.json
+    (DVC shows and diffs them beside the numbers)."""
+    out: dict[str, dict[str, str]] = {}
+    for row in verdicts(runs, texts, claims).itertuples():
+        out.setdefault(row.model, {})[row.key] = row.verdict
+    return out
 
 
 def notes(claims: dict | None = None) -> list[str]:

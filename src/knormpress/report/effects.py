@@ -18,6 +18,8 @@ from knormpress.metrics import interval, resample_texts, resampled_ppl_acc
 
 IDENTICAL_RTOL = 1e-6  # per-text NLL sums this close: the two runs computed the same thing
 HOLDS, FAILS, INCONCLUSIVE, UNMEASURABLE = "holds", "does not hold", "inconclusive", "not measurable"
+DIRECTION = "direction holds"  # the verdict for an effect in the claimed direction but outside the claimed range ...
+LARGER, SMALLER = DIRECTION + ", {:.2g}x larger than claimed", DIRECTION + ", {:.2g}x smaller than claimed"  # ... and how far
 LOWER, HIGHER = (-math.inf, 0.0), (0.0, math.inf)  # claimed ranges that only state a direction
 SUMS = ["nll_sum", "n_correct", "n_tokens"]  # per-text columns the bootstrap needs
 BOOTSTRAPPED = {"ppl": 0, "accuracy": 1}  # metric -> its place in resampled_ppl_acc's answer
@@ -135,21 +137,46 @@ def no_loss(e: Effect | None, tolerance: float) -> str:
 
 
 def verdict(e: Effect | None, claimed: tuple[float, float]) -> str:
-    """holds: the interval excludes 0 in the claimed direction and reaches the claimed range.
-    does not hold: identical runs, or the interval does not reach into the claimed range (it
-    lies at or on the wrong side of 0, or is clearly smaller than claimed). Else inconclusive."""
+    """The verdict on a claimed change, read from the effect's interval [lo, hi]:
+
+    - holds: the interval excludes 0 in the claimed direction and overlaps the claimed range (a
+      direction-only claim: excludes 0 on the claimed side);
+    - direction holds, N x larger than claimed: it excludes 0 in the claimed direction but lies
+      wholly beyond the range, N = estimate / the range's far end;
+    - direction holds, N x smaller than claimed: likewise but wholly short of the range, N = the
+      range's near end / estimate;
+    - does not hold: identical runs, an interval at or on the wrong side of 0, or one that contains
+      0 and cannot reach into the claimed range;
+    - inconclusive: the interval contains 0 and reaches into the claimed range (or has no interval).
+    """
     if (settled := _settled(e, FAILS)) is not None:
         return settled
     sign = -1.0 if claimed[1] <= 0 else 1.0  # make the claimed direction positive
-    near = sign * (claimed[1] if sign < 0 else claimed[0])
+    near, far = sorted(abs(b) for b in claimed)
     lo, hi = sorted((sign * e.lo, sign * e.hi))
-    if hi <= near:
-        return FAILS
-    return HOLDS if lo > 0 else INCONCLUSIVE
+    est = sign * e.est
+    if lo > 0:  # the direction is established
+        if lo > far:
+            return LARGER.format(est / far)
+        if hi < near:
+            return SMALLER.format(near / est)
+        return HOLDS
+    return FAILS if hi <= near else INCONCLUSIVE  # near = 0 for a direction-only claim
+
+
+def category(verdict: str) -> str:
+    """The verdict's kind without its factor: holds, direction holds, does not hold, inconclusive or
+    not measurable (what a figure colours and a count groups by)."""
+    return DIRECTION if verdict.startswith(DIRECTION) else verdict
 
 
 def combine(verdicts: list[str]) -> str:
-    """A claim over several comparisons holds only if each does; one failure decides it."""
+    """A claim over several comparisons holds only if each does; one failure decides it, then a
+    missing run, an open interval, and last a comparison whose size differs from the claim."""
     if not verdicts:
         return UNMEASURABLE
-    return next((v for v in (FAILS, UNMEASURABLE, INCONCLUSIVE) if v in verdicts), HOLDS)
+    for kind in (FAILS, UNMEASURABLE, INCONCLUSIVE, DIRECTION):
+        found = next((v for v in verdicts if category(v) == kind), None)
+        if found is not None:
+            return found
+    return HOLDS

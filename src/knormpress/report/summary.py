@@ -254,14 +254,20 @@ def rules(claims: dict) -> str:
         "- A claim compares two runs on the same texts: the effect is the relative change (%) of PPL or",
         f"  accuracy, with a {LEVEL:.0%} paired bootstrap interval over texts ({N_BOOT} resamples, both runs",
         "  resampled with the same texts), the same method as the logged deltas against the baseline.",
-        "- **holds**: the interval excludes 0 in the claimed direction and reaches the claimed range",
-        "  (an effect larger than claimed still holds).",
-        "- **does not hold**: the interval does not reach into the claimed range (it lies at or on the",
-        "  wrong side of 0, or is clearly smaller than claimed), or the two runs give identical per-text",
-        f"  NLLs (rel. tol. {IDENTICAL_RTOL:g}).",
-        "- **inconclusive**: anything else, e.g. the interval contains 0, or no per-text data pair the runs.",
+        "- **holds**: the interval excludes 0 in the claimed direction and overlaps the claimed range",
+        "  (for a claim of a direction only: excludes 0 on the claimed side).",
+        "- **direction holds, N x larger than claimed** / **N x smaller than claimed**: the interval",
+        "  excludes 0 in the claimed direction but lies wholly beyond (short of) the claimed range; N is the",
+        "  estimate over the range's far end (the range's near end over the estimate). The effect is real",
+        "  but is not the claimed effect: read the measured column.",
+        "- **does not hold**: the interval lies at or on the wrong side of 0, or contains 0 and cannot",
+        f"  reach into the claimed range, or the two runs give identical per-text NLLs (rel. tol. {IDENTICAL_RTOL:g}).",
+        "- **inconclusive**: the interval contains 0 and reaches into the claimed range, or no per-text",
+        "  data pair the runs.",
         "- **not measurable**: a run the claim needs is missing.",
-        '- A claim over several comparisons holds only if every one holds; one "does not hold" decides it.',
+        "- A claim over several comparisons holds only if every one holds; one \"does not hold\" decides it,",
+        "  then a missing run, an open interval, a size other than claimed. `results/metrics.json` holds",
+        "  the same words under each model's `claims` (`dvc metrics show`).",
         *(f"- {line}" for line in rule_lines(claims)),
         f"- Seed numbers come from a different setup ({claims['setup']}); compare",
         "  directions and relative changes, not absolute PPL.",
@@ -284,7 +290,7 @@ def summary_markdown(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | Non
     ]
     for model, own in seeded.items():  # each model's claims measured on its own runs only
         suffix = _suffix(model, seeded)
-        parts += [f"## Seed claims{suffix}", markdown_table(verdicts(own, texts, claims).drop(columns="model")), *notes(claims)]
+        parts += [f"## Seed claims{suffix}", markdown_table(verdicts(own, texts, claims).drop(columns=["model", "key"])), *notes(claims)]
         for title, exp_runs, table in _model_tables(own, claims):
             parts += [f"## {title}{suffix}", f"Ours: {describe(exp_runs)}. Seed: {claims['setup']}.",
                       markdown_table(table)]
