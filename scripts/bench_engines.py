@@ -7,7 +7,7 @@ Prints one JSON line per strategy (and writes them to --out) with `speedup_vs_st
 reading these ratios, not by a timed test. Times are per text (mean over the texts); forward and
 one-pass are each the best of two runs, back to back.
 
-Agreement, pooled over the texts (see knormpress.engines.agreement): `rel_ppl_diff` (PPL one-pass /
+Agreement, pooled over the texts (see knormpress.diagnostics.agreement): `rel_ppl_diff` (PPL one-pass /
 PPL streaming - 1), `accuracy_diff` (one-pass - streaming, a fraction), `correct_flips`,
 `max_abs_nll_diff`, `frac_tokens_nll_diff_gt_1e-3`, and the kept sets: `kept_set_diff_queries` of
 `kept_set_queries` (queries reading a pruned cache whose kept tokens differ in at least one
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from knormpress import Compression, evaluate
+from knormpress.diagnostics.agreement import Comparison, compare_engines
 from knormpress.engines import pick_engine
-from knormpress.engines.agreement import Comparison, compare_engines
 from knormpress.sources import load_samples
 from knormpress.sources.models import DTYPES, load_model, load_model_config
 
@@ -119,7 +119,7 @@ def main() -> None:
                "tokens": [len(s.input_ids) for s in samples], "threads": torch.get_num_threads(), "git": git_commit(),
                "compress": comp.to_dict(), "strategy": name, "fix_kv_size": args.fix_kv_size,
                "keep_ratio": args.keep_ratio, "positions": comp.positions, "interval": comp.interval,
-               "onepass_engine": pick_engine("auto", comp)}
+               "onepass_engine": pick_engine("auto", comp).name}
         out["forward_s"], out["onepass_s"] = timed(bundle.model, samples, comp)
         out["overhead_vs_forward"] = round(out["onepass_s"] / out["forward_s"], 3)
         if args.streaming and out["onepass_engine"] != "streaming":

@@ -10,38 +10,16 @@ texts, so a run's curve shows where along the text the compressed cache starts t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from transformers import PreTrainedModel
 
-from knormpress.compression import Compression
-from knormpress.engines import run_engine
+from knormpress.engines import evaluate
 from knormpress.errors import ConfigError
 from knormpress.metrics import EvalResult, summarize
 from knormpress.tasks import Outcome, Task, register_task
-
-
-def evaluate(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None = None, **options: Any) -> EvalResult:
-    """Read `input_ids` (T,) or (1, T) and score each next-token prediction.
-
-    compression=None is the uncompressed baseline. options, as for `knormpress.run_engine`:
-    engine "auto" (the fastest exact engine for the strategy; default), "masked", "replay" or
-    "streaming" (token by token with a real cache, the reference), and progress (a bar per token).
-    """
-    out = run_engine(model, input_ids, compression, **options)
-    targets = input_ids.view(-1)[1:].to(out.logits.device)
-    return EvalResult(
-        nll=F.cross_entropy(out.logits, targets, reduction="none").cpu(),
-        correct=(out.logits.argmax(-1) == targets).cpu(),
-        engine=out.engine,
-        wall_s=out.wall_s,
-        **out.memory(),
-    )
 
 
 @register_task
