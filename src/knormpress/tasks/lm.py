@@ -19,7 +19,7 @@ import torch
 from knormpress.engines import evaluate
 from knormpress.errors import ConfigError
 from knormpress.metrics import EvalResult, summarize
-from knormpress.tasks import Outcome, Task, register_task
+from knormpress.tasks.base import Outcome, Task, register_task
 
 
 @register_task

@@ -28,7 +28,7 @@ import torch
 from knormpress.engines import pick_engine
 from knormpress.errors import ConfigError
 from knormpress.metrics import interval, resample_texts, wilson
-from knormpress.tasks import DatasetInfo, Outcome, Task, register_task, text_source
+from knormpress.tasks.base import DatasetInfo, Outcome, Task, register_task, text_source
 
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s*$")
 NUMBER = re.compile(r"\d+")
