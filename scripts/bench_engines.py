@@ -7,7 +7,7 @@ Prints one JSON line per strategy (and writes them to --out) with `speedup_vs_st
 reading these ratios, not by a timed test. Times are per text (mean over the texts); forward and
 one-pass are each the best of two runs, back to back.
 
-Agreement, pooled over the texts (see knormpress.engines.agreement): `rel_ppl_diff` (PPL one-pass /
+Agreement, pooled over the texts (see knormpress.diagnostics.agreement): `rel_ppl_diff` (PPL one-pass /
 PPL streaming - 1), `accuracy_diff` (one-pass - streaming, a fraction), `correct_flips`,
 `max_abs_nll_diff`, `frac_tokens_nll_diff_gt_1e-3`, and the kept sets: `kept_set_diff_queries` of
 `kept_set_queries` (queries reading a pruned cache whose kept tokens differ in at least one
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from knormpress import Compression, evaluate
+from knormpress.diagnostics.agreement import Comparison, compare_engines
 from knormpress.engines import pick_engine
-from knormpress.engines.agreement import Comparison, compare_engines
 from knormpress.settings import add_flags, from_flags
 from knormpress.sources import load_samples
 from knormpress.sources.models import DTYPES, load_model, load_model_config
@@ -116,7 +116,8 @@ def main() -> None:
         comp = from_flags(args, Compression, strategy=REGISTRY.node(name))
         out = {"model": bundle.name, "dtype": args.dtype, "dataset": args.dataset, "texts": len(samples),
                "tokens": [len(s.input_ids) for s in samples], "threads": torch.get_num_threads(), "git": git_commit(),
-               "compress": comp.to_dict(), "strategy": comp.strategy.label, "onepass_engine": pick_engine("auto", comp)}
+               "compress": comp.to_dict(), "strategy": comp.strategy.label,
+               "onepass_engine": pick_engine("auto", comp).name}
         out["forward_s"], out["onepass_s"] = timed(bundle.model, samples, comp)
         out["overhead_vs_forward"] = round(out["onepass_s"] / out["forward_s"], 3)
         if args.streaming and out["onepass_engine"] != "streaming":

@@ -76,6 +76,13 @@ def empty_db(request) -> Path:
     return path
 
 
+def state_of(cache, layer: int):
+    """The compressor's state of one layer of `cache` (an empty one where it never compressed that layer)."""
+    from knormpress.compression import LayerState, cache_state
+
+    return cache_state(cache).get(layer, LayerState())
+
+
 def seeded(name: str, seed: int) -> str | dict:
     """A strategy node with `seed` set where the strategy has that setting (random ones)."""
     from dataclasses import fields

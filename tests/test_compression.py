@@ -1,10 +1,15 @@
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from knormpress import Compression, ConfigError, fix_size_l2_compress
-from knormpress.compression import CacheCompressor
+from knormpress.compression import CacheCompressor, build_cache, cache_state
 from knormpress.strategies import key_norm
+
+from conftest import state_of
 
 
 def filled_cache(model, ids):
@@ -37,8 +42,9 @@ def test_compression_keeps_budget_recent_window_and_lowest_norms(model, text_ids
             continue
         assert layer.keys.shape[-2] == 32 and layer.values.shape[-2] == 32
         want = torch.tensor(reference_keep(k0, 32, n_recent))
-        assert torch.equal(layer.knorm_positions[0], want)
-        assert (layer.knorm_positions.diff(dim=-1) > 0).all()  # time order
+        kept = state_of(cache, i).positions
+        assert torch.equal(kept[0], want)
+        assert (kept.diff(dim=-1) > 0).all()  # time order
         assert torch.equal(layer.keys[0], k0[0].gather(1, want[..., None].expand(-1, -1, k0.shape[-1])))
         assert torch.equal(layer.values[0], v0[0].gather(1, want[..., None].expand(-1, -1, v0.shape[-1])))
 
@@ -46,8 +52,8 @@ def test_compression_keeps_budget_recent_window_and_lowest_norms(model, text_ids
 def test_sinks_are_always_kept(model, text_ids):
     cache = filled_cache(model, text_ids[:100])
     fix_size_l2_compress(cache, fix_kv_size=16, keep_ratio=0.25, n_sink=4, strategy="keep_high", skip_layers=[])
-    for layer in cache.layers:
-        pos = layer.knorm_positions
+    for i in range(len(cache.layers)):
+        pos = state_of(cache, i).positions
         assert (pos[..., :4] == torch.arange(4)).all() and (pos[..., -4:] == torch.arange(96, 100)).all()
 
 
@@ -59,9 +65,42 @@ def test_repeated_compression_tracks_absolute_positions(model, text_ids):
     with torch.no_grad():
         model(input_ids=text_ids[50:60][None], position_ids=torch.arange(50, 60)[None], cache=cache, use_cache=True)
     c(cache)
-    for layer in cache.layers:
-        assert (layer.knorm_positions[..., -10:] == torch.arange(50, 60)).all()
-        assert layer.knorm_length == 60
+    for i in range(len(cache.layers)):
+        assert (state_of(cache, i).positions[..., -10:] == torch.arange(50, 60)).all()
+        assert state_of(cache, i).length == 60
+
+
+def test_a_cache_built_from_kept_tensors_and_state_goes_on_as_the_original(model, text_ids):
+    """`build_cache` (how the replay and the prompt pass hand over a cache they compressed) gives a
+    cache that the compressor then treats exactly as the one it compressed itself."""
+    c = CacheCompressor(Compression("h2o", fix_kv_size=20, keep_ratio=0.5, skip_layers=[]))
+    heads, kv_heads = model.config.num_attention_heads, filled_cache(model, text_ids[:2]).layers[0].keys.shape[1]
+
+    def recorded(n):  # what an engine hands the compressor: the last query's weights, the weights summed per KV head
+        return {i: (torch.rand(1, heads, n), torch.rand(1, kv_heads, n)) for i in range(4)}
+
+    original = c(filled_cache(model, text_ids[:50]), recorded(50))
+    copy = build_cache(model.config, [(l.keys.clone(), l.values.clone(), cache_state(original).get(i))
+                                      for i, l in enumerate(original.layers)])
+    fed = recorded(23)
+    for cache in (original, copy):
+        with torch.no_grad():
+            model(input_ids=text_ids[50:53][None], position_ids=torch.arange(50, 53)[None], cache=cache, use_cache=True)
+        c(cache, fed)
+    for i, (a, b) in enumerate(zip(original.layers, copy.layers)):
+        assert torch.equal(a.keys, b.keys) and a.keys.shape[-2] == 20
+        sa, sb = state_of(original, i), state_of(copy, i)
+        assert sa.length == sb.length == 53 and sa.positions[0, 0, -1] == 52
+        assert torch.equal(sa.positions, sb.positions) and torch.equal(sa.attention_sum, sb.attention_sum)
+
+
+def test_the_state_does_not_keep_a_cache_alive(model, text_ids):
+    cache = fix_size_l2_compress(filled_cache(model, text_ids[:40]), fix_kv_size=20)
+    assert state_of(cache, 2).positions is not None
+    gone = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert gone() is None
 
 
 def test_random_is_reproducible_per_seed_and_differs_across_seeds(model, text_ids):
@@ -69,7 +108,7 @@ def test_random_is_reproducible_per_seed_and_differs_across_seeds(model, text_id
     for seed in (0, 0, 1):
         cache = filled_cache(model, text_ids[:200])
         fix_size_l2_compress(cache, fix_kv_size=40, keep_ratio=0.25, strategy={"name": "random", "seed": seed}, skip_layers=[])
-        kept.setdefault(seed, []).append(torch.cat([l.knorm_positions for l in cache.layers]))
+        kept.setdefault(seed, []).append(torch.cat([state_of(cache, i).positions for i in range(len(cache.layers))]))
     assert torch.equal(kept[0][0], kept[0][1])
     assert not torch.equal(kept[0][0], kept[1][0])
 
@@ -78,9 +117,10 @@ def test_score_order_layout_holds_the_same_tokens(model, text_ids):
     a, b = filled_cache(model, text_ids[:120]), filled_cache(model, text_ids[:120])
     fix_size_l2_compress(a, fix_kv_size=24, sort_by_time=True)
     fix_size_l2_compress(b, fix_kv_size=24, sort_by_time=False)
-    for la, lb in zip(a.layers[2:], b.layers[2:]):
-        assert not torch.equal(la.knorm_positions, lb.knorm_positions)
-        assert torch.equal(la.knorm_positions, lb.knorm_positions.sort(dim=-1).values)
+    for i in range(2, len(a.layers)):
+        pa, pb = state_of(a, i).positions, state_of(b, i).positions
+        assert not torch.equal(pa, pb)
+        assert torch.equal(pa, pb.sort(dim=-1).values)
 
 
 @pytest.mark.parametrize("kwargs,words", [
@@ -196,11 +236,11 @@ def test_keydiff_keeps_the_tokens_of_the_papers_definition_on_a_bare_cache(model
     cache = filled_cache(model, text_ids[:60])
     before = [l.keys.double().clone() for l in cache.layers]
     fix_size_l2_compress(cache, fix_kv_size=20, keep_ratio=0.0, strategy="keydiff", skip_layers=[])
-    for layer, keys in zip(cache.layers, before):
+    for i, keys in enumerate(before):
         for h in range(keys.shape[1]):
             k = keys[0, h]
             unit = k / k.norm(dim=-1, keepdim=True)
             anchor = unit.mean(dim=0)
             cos = (k @ anchor) / (k.norm(dim=-1) * anchor.norm())
             want = sorted(sorted(range(60), key=lambda j: (cos[j].item(), j))[:20])
-            assert layer.knorm_positions[0, h].tolist() == want
+            assert state_of(cache, i).positions[0, h].tolist() == want

@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "knormpress"
 PRESENTATION = {"agreement.py", "claims.py", "effects.py", "figures.py", "labels.py", "panels.py", "retrieval_figures.py",
                 "summary.py", "claims.yaml", "kvpress_parity.py", "sweep_figure.py"}  # report/ only
-TOOLS = PACKAGE / "parity"  # the kvpress parity check: scripts/kvpress_parity.py runs it, no job imports it
+# run by scripts, no job imports them: the kvpress parity check (scripts/kvpress_parity.py) and the engines'
+# diagnostics (scripts/bench_engines.py)
+TOOLS = (PACKAGE / "parity", PACKAGE / "diagnostics")
 
 
 def stages() -> dict:
@@ -26,7 +28,7 @@ def covered(path: Path, deps: list[str]) -> bool:
 
 def test_every_module_that_runs_a_job_is_a_dependency_of_every_experiment_stage():
     modules = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts]
-    runs = [p for p in modules if not (p.parent.name == "report" and p.name in PRESENTATION) and TOOLS not in p.parents]
+    runs = [p for p in modules if not (p.parent.name == "report" and p.name in PRESENTATION) and not set(TOOLS) & set(p.parents)]
     experiments = experiment_stages()
     assert list(experiments) == ["experiment"]  # one foreach stage runs every preset
     for name, stage in experiments.items():
@@ -50,7 +52,9 @@ def test_the_plots_stage_depends_on_the_whole_report():
         assert covered(PACKAGE / "report" / name, deps), name
 
 
-def test_no_job_module_imports_the_kvpress_parity_check():
-    """What lets dvc.yaml leave src/knormpress/parity out of the experiment stages' dependencies."""
-    modules = [p for p in PACKAGE.rglob("*.py") if TOOLS not in p.parents]
-    assert not [p.name for p in modules if "knormpress.parity" in p.read_text()]
+def test_no_job_module_imports_the_tools():
+    """What lets dvc.yaml leave src/knormpress/parity and src/knormpress/diagnostics out of the experiment
+    stages' dependencies."""
+    modules = [p for p in PACKAGE.rglob("*.py") if not set(TOOLS) & set(p.parents)]
+    for tool in TOOLS:
+        assert not [p.name for p in modules if f"knormpress.{tool.name}" in p.read_text()], tool.name

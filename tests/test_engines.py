@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from knormpress import Compression, ConfigError, evaluate, fix_size_l2_compress, run_engine
 
-from conftest import tiny_model
+from conftest import state_of, tiny_model
 
 
 def test_baseline_equals_one_plain_forward(model, text_ids):
@@ -46,7 +46,7 @@ def test_sort_by_time_changes_the_logits_when_kept_keys_are_rerotated(model, tex
     a, b = (run_engine(model, text_ids[:80], Compression(fix_kv_size=32, sort_by_time=s, positions="rerotate"),
                        engine="streaming") for s in (True, False))
     assert (a.logits - b.logits).abs().max() > 1e-3
-    assert torch.equal(*(torch.stack([l.knorm_positions.sort(-1).values for l in o.cache.layers[2:]]) for o in (a, b)))
+    assert torch.equal(*(torch.stack([state_of(o.cache, i).positions.sort(-1).values for i in (2, 3)]) for o in (a, b)))
 
 
 def test_bad_engine_and_short_text(model, text_ids):
@@ -98,7 +98,7 @@ def test_the_budget_applies_to_full_layers_only(gemma3, text_ids):
     c = Compression(fix_kv_size=32, keep_ratio=0.5, skip_layers=[])
     out = run_engine(gemma3, text_ids[:100], c, engine="streaming")
     assert [layer.keys.shape[-2] for layer in out.cache.layers] == [15, 32, 15, 32]
-    assert [hasattr(layer, "knorm_positions") for layer in out.cache.layers] == [False, True, False, True]
+    assert [state_of(out.cache, i).positions is not None for i in range(4)] == [False, True, False, True]
     assert out.kv_tokens[-1].item() == (15 + 32 + 15 + 32) / 4
     masked = run_engine(gemma3, text_ids[:100], c, engine="masked")
     assert torch.equal(masked.kv_tokens, out.kv_tokens) and torch.equal(masked.kv_bytes, out.kv_bytes)

@@ -13,7 +13,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from knormpress import Compression, ConfigError, run_engine
-from knormpress.engines.attention import cache_windows
+from knormpress.engines.maths import cache_windows
 from knormpress.sources.support import check_supported
 from knormpress.sources.tiny import TINY, VOCAB
 

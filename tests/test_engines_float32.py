@@ -3,7 +3,7 @@ model, under the default compression.
 
 The float64 test in test_engines_masked.py shows the kept sets agree exactly when arithmetic is
 precise enough. In float32 they do not always (a near-tie in the rounded key norms can be decided
-differently by the two engines; see `knormpress.engines.agreement`). This test bounds what that
+differently by the two engines; see `knormpress.diagnostics.agreement`). This test bounds what that
 does to the numbers users get by default: SmolLM2 in float32, the study's 3 texts x 3000 tokens,
 keep_low with fix_kv_size 512, keep_ratio 0.5, skip_layers [0, 1]. Each engine runs once per text
 (the streaming pass is the cost: ~2,500 one-token steps per text), and all bounds read those runs.
@@ -17,7 +17,7 @@ passes spread over the workers instead of holding one worker for the whole suite
 import pytest
 
 from knormpress import Compression
-from knormpress.engines.agreement import compare_engines
+from knormpress.diagnostics.agreement import compare_engines
 
 N_TEXTS, N_TOKENS = 3, 3000
 DEFAULT = Compression("keep_low", 512, 0.5, [0, 1])

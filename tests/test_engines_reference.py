@@ -18,12 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import knormpress.engines.attention as attention
 import knormpress.engines.streaming as streaming
 from knormpress import Compression, run_engine
 from knormpress.compression import CacheCompressor
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, state_of, tiny_model
 from reference import Method, reference
 
 NODES = {"keep_low": "keep_low", "sinks": "sinks", "h2o": "h2o", "h2o_mean": {"name": "h2o", "normalise": "mean"},
@@ -55,14 +54,14 @@ def streaming_run(model, ids, c: Compression, monkeypatch):
         def __call__(self, cache, attention=None):
             super().__call__(cache, attention)
             layers, steps = [], set()
-            for layer in cache.layers:
-                positions, n = getattr(layer, "knorm_positions", None), layer.keys.shape[-2]
-                if positions is None:  # never pruned: every token read so far
+            for i, layer in enumerate(cache.layers):
+                state, n = state_of(cache, i), layer.keys.shape[-2]
+                if state.positions is None:  # never pruned: every token read so far
                     layers.append([list(range(n))] * layer.keys.shape[1])
                     steps.add(n - 1)
                 else:
-                    layers.append([sorted(p) for p in positions[0].tolist()])
-                    steps.add(layer.knorm_length - 1)
+                    layers.append([sorted(p) for p in state.positions[0].tolist()])
+                    steps.add(state.length - 1)
             assert len(steps) == 1
             kept[steps.pop()] = layers
             return cache
@@ -158,17 +157,17 @@ def test_rerotate_puts_every_key_at_its_slot_and_each_new_query_at_the_layers_le
     class Recorder(CacheCompressor):
         def __call__(self, cache, attention=None):
             super().__call__(cache, attention)
-            caches.append([(l.keys[0].clone(), getattr(l, "knorm_positions", None), getattr(l, "knorm_length", 0))
-                           for l in cache.layers])
+            states = [state_of(cache, i) for i in range(len(cache.layers))]
+            caches.append([(l.keys[0].clone(), s.positions, s.length) for l, s in zip(cache.layers, states)])
             return cache
 
     def sdpa(module, query, key, *args, **kwargs):  # the query and keys the engine's attention hands to SDPA
         queries.setdefault(module.layer_idx, []).append((query[0, :, -1].clone(), key.shape[2]))
         return sdpa_forward(module, query, key, *args, **kwargs)
 
-    sdpa_forward = attention.sdpa_attention_forward
+    sdpa_forward = streaming.sdpa_attention_forward
     monkeypatch.setattr(streaming, "CacheCompressor", Recorder)
-    monkeypatch.setattr(attention, "sdpa_attention_forward", sdpa)
+    monkeypatch.setattr(streaming, "sdpa_attention_forward", sdpa)
     try:
         run_engine(model, ids[:T], c, "streaming")
     finally:

@@ -12,8 +12,9 @@ from transformers import DynamicCache
 
 from knormpress import STRATEGIES, Compression, ConfigError, fix_size_l2_compress, run_engine
 from knormpress.engines import pick_engine
+from knormpress.engines.streaming import CacheReader
 
-from conftest import VOCAB, record_logit_diff, seeded, tiny_model
+from conftest import VOCAB, record_logit_diff, seeded, state_of, tiny_model
 
 REPLAYABLE = sorted(n for n, cls in STRATEGIES.items() if cls.replayable)
 VARIANTS = {"h2o[normalise=mean]": {"name": "h2o", "normalise": "mean"},  # settings off the default, by label
@@ -50,11 +51,12 @@ def check(model, ids, strategy, keep_ratio, skip, n_sink, fix_kv_size=32, engine
     diff = (a.logits - b.logits).abs().max()
     assert diff <= 1e-4
     assert torch.equal(a.kv_tokens, b.kv_tokens) and torch.equal(a.kv_bytes, b.kv_bytes)
-    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True) if b.cache is not None else ():  # masked: no cache
-        pa, pb = (getattr(x, "knorm_positions", None) for x in (la, lb))
-        assert (pa is None) == (pb is None) and (pa is None or torch.equal(pa, pb) and la.knorm_length == lb.knorm_length)
+    for i, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers, strict=True) if b.cache is not None else ()):  # masked: no cache
+        ka, kb = state_of(a.cache, i), state_of(b.cache, i)
+        pa, pb = ka.positions, kb.positions
+        assert (pa is None) == (pb is None) and (pa is None or torch.equal(pa, pb) and ka.length == kb.length)
         assert torch.allclose(la.keys, lb.keys, atol=atol) and torch.allclose(la.values, lb.values, atol=atol)
-        sa, sb = (getattr(x, "knorm_attention_sum", None) for x in (la, lb))  # what h2o goes on scoring from
+        sa, sb = ka.attention_sum, kb.attention_sum  # what h2o goes on scoring from
         assert (sa is None) == (sb is None) and (sa is None or torch.allclose(sa, sb, atol=atol))
     record_logit_diff(diff)
     return a, b
@@ -116,25 +118,22 @@ def test_dynamic_strategies_really_differ_from_each_other(models, ids):
     """A control for the test above: equal engines would also pass if a strategy were ignored."""
     names = ["h2o", "tova", "keydiff", *VARIANTS]
     caches = [run_engine(models["llama"], ids, Compression(node(s), 32, 0.25, []), "replay").cache for s in names]
-    kept = [torch.stack([l.knorm_positions.sort(-1).values for l in c.layers]) for c in caches]
+    kept = [torch.stack([state_of(c, i).positions.sort(-1).values for i in range(len(c.layers))]) for c in caches]
     for (a, ka), (b, kb) in itertools.combinations(zip(names, kept), 2):
         assert not torch.equal(ka, kb), (a, b)
 
 
 def test_recorded_attention_is_the_models_own(models, ids):
     """The token-by-token engine's recorded weights against transformers' eager attention weights."""
-    from knormpress.engines.attention import RECORD, attention_implementation
-    from knormpress.engines.streaming import _Recording
-
     model = models["llama"]
     c = Compression("h2o", 32, 0.5, [0])
     with torch.no_grad():
         model.set_attn_implementation("eager")
         eager = model(ids[None, :30], output_attentions=True).attentions  # per layer (1, Hq, 30, 30)
         model.set_attn_implementation("sdpa")
-        with attention_implementation(model, RECORD, _Recording(c)) as rec:
-            model(ids[None, :30], position_ids=torch.arange(30)[None], cache=DynamicCache(config=model.config), use_cache=True)
-    assert set(rec.recorded) == {1, 2, 3}
+        with CacheReader(model, c, DynamicCache(config=model.config)) as rec:
+            rec(ids[None, :30], 0)  # 30 tokens, under the budget: recorded, nothing pruned
+    assert model.config._attn_implementation == "sdpa" and set(rec.recorded) == {1, 2, 3}
     for layer, (last, summed) in rec.recorded.items():
         want = eager[layer][0]
         assert torch.allclose(last[0], want[:, -1], atol=1e-10)
@@ -144,9 +143,9 @@ def test_recorded_attention_is_the_models_own(models, ids):
 @pytest.mark.parametrize("strategy,engine", [("keep_low", "masked"), ("h2o", "replay"), ("keydiff", "replay"),
                                              ("random_per_step", "streaming")])
 def test_auto_picks_the_fastest_exact_engine(strategy, engine):
-    assert pick_engine("auto", Compression(strategy)) == engine
-    assert pick_engine("auto", Compression(strategy, interval=64)) == engine
-    rerotated = pick_engine("auto", Compression(strategy, positions="rerotate"))
+    assert pick_engine("auto", Compression(strategy)).name == engine
+    assert pick_engine("auto", Compression(strategy, interval=64)).name == engine
+    rerotated = pick_engine("auto", Compression(strategy, positions="rerotate")).name
     assert rerotated == ("streaming" if strategy == "random_per_step" else "replay")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import state_of, tiny_model
 
 from knormpress.compression import Compression
 from knormpress.engines import run_engine
@@ -98,7 +98,7 @@ def test_our_recorded_kept_sets_are_what_the_engine_kept(strategy, text_ids):
     reading = read_ours(model, ids, comp)
     plain = run_engine(model, ids, comp, engine="streaming")
     assert reading.kept.shape == (60 - 1 - 16, 4, 2, 16)
-    final = torch.stack([layer.knorm_positions[0].sort(dim=-1).values for layer in plain.cache.layers])
+    final = torch.stack([state_of(plain.cache, i).positions[0].sort(dim=-1).values for i in range(len(plain.cache.layers))])
     assert torch.equal(reading.kept[-1].long(), final)
     assert torch.equal(reading.logits, plain.logits)
     assert isinstance(reading, Reading)

@@ -80,22 +80,22 @@ def status(tmp_path: Path, **tags: str) -> list[str]:
 
 
 def test_failed_run_ends_failed_and_a_rerun_completes_it(args, tmp_path, monkeypatch):
-    from knormpress.tasks import lm
+    from knormpress import engines  # the lm task looks evaluate up there when it runs
 
-    real = lm.evaluate
+    real = engines.evaluate
 
     def broken(model, ids, compression=None, *a, **k):
         if compression is not None:
             raise RuntimeError("boom")
         return real(model, ids, compression, *a, **k)
 
-    monkeypatch.setattr(lm, "evaluate", broken)
+    monkeypatch.setattr(engines, "evaluate", broken)
     with pytest.raises(RuntimeError, match="boom"):
         job(args, tmp_path)
     assert status(tmp_path, role="baseline") == ["FINISHED"]
     assert status(tmp_path, role="compressed") == ["FAILED"]
 
-    monkeypatch.setattr(lm, "evaluate", real)
+    monkeypatch.setattr(engines, "evaluate", real)
     metrics = job(args, tmp_path)
     assert METRICS | DELTAS <= set(metrics) and metrics["accuracy"] > 0
     assert status(tmp_path, role="compressed") == ["FAILED", "FINISHED"]
@@ -105,10 +105,10 @@ def test_failed_run_ends_failed_and_a_rerun_completes_it(args, tmp_path, monkeyp
 
 
 def test_interrupt_and_sigterm_end_the_run_failed(args, tmp_path, monkeypatch):
-    from knormpress.tasks import lm
+    from knormpress import engines
 
     for error in (KeyboardInterrupt, SystemExit(143)):
-        monkeypatch.setattr(lm, "evaluate", lambda *a, **k: (_ for _ in ()).throw(error))
+        monkeypatch.setattr(engines, "evaluate", lambda *a, **k: (_ for _ in ()).throw(error))
         with pytest.raises(BaseException):
             job(args, tmp_path, "compress=none")
     assert status(tmp_path) == ["FAILED", "FAILED"]
@@ -325,7 +325,7 @@ def test_two_parallel_joblib_jobs_both_finish(args, tmp_path):
 @pytest.mark.slow
 def test_sigterm_ends_the_open_run_failed(args, tmp_path):
     """A real SIGTERM (kill, scancel) to a job stuck in evaluate: the run ends FAILED, the process exits 143."""
-    stuck = ("import sys, time, knormpress.cli as r, knormpress.tasks.lm as lm; lm.evaluate = lambda *a, **k: time.sleep(600); "
+    stuck = ("import sys, time, knormpress.cli as r, knormpress.engines as e; e.evaluate = lambda *a, **k: time.sleep(600); "
              "sys.argv = sys.argv[:1] + sys.argv[2:]; r.cli()")
     cmd = [sys.executable, "-c", stuck, "--", *args, f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -346,7 +346,7 @@ def test_sigterm_ends_the_open_run_failed(args, tmp_path):
 @pytest.mark.slow
 def test_a_sweep_killed_with_sigkill_is_marked_failed_by_the_next_start(args, tmp_path):
     """SIGKILL runs no handler: the parent and the open child stay RUNNING until the next job on this host reaps them."""
-    stuck = ("import sys, time, knormpress.cli as r, knormpress.tasks.lm as lm; lm.evaluate = lambda *a, **k: time.sleep(600); "
+    stuck = ("import sys, time, knormpress.cli as r, knormpress.engines as e; e.evaluate = lambda *a, **k: time.sleep(600); "
              "sys.argv = sys.argv[:1] + sys.argv[2:]; r.cli()")
     cmd = [sys.executable, "-c", stuck, "--", "-m", *args, "compress.keep_ratio=0.3,0.5", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ | {"CI": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -13,13 +13,12 @@ from transformers import DynamicCache
 from knormpress import STRATEGIES, Compression, ConfigError, fix_size_l2_compress, get_task, run_engine
 from knormpress.compression import CacheCompressor
 from knormpress.config import EvalConfig
-from knormpress.engines.attention import RECORD, attention_implementation
 from knormpress.engines.prompt import generate, prompt_cache
-from knormpress.engines.streaming import _Recording
+from knormpress.engines.streaming import CacheReader
 from knormpress.sources.datasets import get_dataset
 from knormpress.sources.tiny import ByteTokenizer
 
-from conftest import VOCAB, seeded, tiny_model
+from conftest import VOCAB, seeded, state_of, tiny_model
 
 # every static strategy, and the dynamic ones a prompt pass can prune once (random_per_step is
 # the one strategy without an exact one-pass engine)
@@ -45,24 +44,20 @@ def reference_prefill(model, ids: torch.Tensor, c: Compression) -> DynamicCache:
     """The prompt read token by token into an uncompressed cache (attention received summed step by
     step where the strategy needs it), then pruned once."""
     cache, T = DynamicCache(config=model.config), ids.shape[0]
-    keep_all = Compression(c.strategy, T + 1, c.keep_ratio, c.skip_layers, n_sink=c.n_sink)
-    record = c.strategy.needs_attention
-    with attention_implementation(model, RECORD, _Recording(keep_all)) if record else torch.no_grad() as rec, torch.no_grad():
+    keep_all = Compression(c.strategy, T + 1, c.keep_ratio, c.skip_layers, n_sink=c.n_sink)  # sums the attention, prunes nothing
+    with CacheReader(model, keep_all, cache) as read, torch.no_grad():
         for t in range(T):
-            model(input_ids=ids[None, t:t + 1], position_ids=torch.tensor([[t]]), cache=cache, use_cache=True)
-            if record:
-                step = rec.take()
-                CacheCompressor(keep_all)(cache, step)  # sums the attention, prunes nothing
-    if not record:
+            read(ids[None, t:t + 1], t)
+    if not c.strategy.needs_attention:
         return fix_size_l2_compress(cache, c)
-    return CacheCompressor(c)(cache, {l: (last, torch.zeros_like(total)) for l, (last, total) in step.items()})
+    return CacheCompressor(c)(cache, {l: (last, torch.zeros_like(total)) for l, (last, total) in read.recorded.items()})
 
 
 def assert_same_cache(a: DynamicCache, b: DynamicCache) -> None:
-    for la, lb in zip(a.layers, b.layers, strict=True):
+    for i, (la, lb) in enumerate(zip(a.layers, b.layers, strict=True)):
         assert torch.allclose(la.keys, lb.keys, atol=1e-10) and torch.allclose(la.values, lb.values, atol=1e-10)
-        for name in ("knorm_positions", "knorm_attention_sum"):
-            xa, xb = getattr(la, name, None), getattr(lb, name, None)
+        for name in ("positions", "attention_sum"):
+            xa, xb = getattr(state_of(a, i), name), getattr(state_of(b, i), name)
             assert (xa is None) == (xb is None), name
             assert xa is None or torch.allclose(xa.double(), xb.double(), atol=1e-10), name
 

@@ -15,7 +15,9 @@ _HOME = {  # public name -> module that defines it
     "Compression": "compression",
     "fix_size_l2_compress": "compression",
     "ConfigError": "errors",
+    "Engine": "engines",
     "EngineOutput": "engines",
+    "register_engine": "engines",
     "run_engine": "engines",
     "EvalResult": "metrics",
     "pooled": "metrics",
@@ -33,7 +35,7 @@ _HOME = {  # public name -> module that defines it
     "Task": "tasks",
     "get_task": "tasks",
     "register_task": "tasks",
-    "evaluate": "tasks.lm",
+    "evaluate": "engines",
 }
 __all__ = sorted(_HOME)
 

@@ -18,7 +18,7 @@ rounding. On the default study (SmolLM2 in float32, 3 texts x 3000 tokens, keep_
 512, keep_ratio 0.5, skip [0, 1]) this moved the pooled perplexity by 5.7e-8 relative and changed
 no token's correctness (kept sets differ at 597 of 7,458 queries, in 2.7e-6 of the kept tokens);
 with fix_kv_size 256, keep_ratio 0 and every layer compressed, by 8.9e-4 and accuracy by +0.011
-percentage points. `tests/test_engines_float32.py` bounds it, `knormpress.engines.agreement`
+percentage points. `tests/test_engines_float32.py` bounds it, `diagnostics/agreement.py`
 counts it, `scripts/bench_engines.py` reports it.
 
 Sliding-window layers are never compressed (they hold at most their window already): they attend
@@ -28,24 +28,48 @@ cache layer holds, the last window - 1 keys.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from knormpress.compression import Compression
-from knormpress.engines.attention import (BLOCK, PLAN, OnePassPlan, bytes_per_token, cache_windows, compresses, held_uncompressed,
-                                          layer_window, no_mask, one_pass, plain_attention, sdpa)
+from knormpress.engines.base import Engine, EngineOutput, OnePassPlan, one_pass, plan_of, register_engine
+from knormpress.engines.maths import (BLOCK, bytes_per_token, cache_windows, compresses, held_uncompressed, layer_window,
+                                      no_mask, plain_attention, sdpa)
 from knormpress.eviction import expiry, held_tokens
 from knormpress.strategies import CacheView
 
 ATTN = "knorm_masked"
 
 
+@register_engine
+@dataclass
+class Masked(Engine):
+    """One forward pass by key expiry: static strategies under true positions, any interval."""
+
+    name = "masked"
+    builds_cache = False  # every query sees its keys through a mask: no pruned cache ever exists
+
+    def refuses(self, compression: Compression | None, model: PreTrainedModel | None = None) -> str | None:
+        if compression is None:
+            return None
+        if not compression.strategy.static:
+            return f"strategy {compression.strategy.name!r} re-scores tokens at every step"
+        if compression.positions != "true":
+            return f"positions={compression.positions!r} moves kept keys after each pruning"
+        return None
+
+    @torch.no_grad()
+    def run(self, model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None,
+            progress: bool = False) -> EngineOutput:
+        return EngineOutput(*one_pass(model, input_ids, ATTN, OnePassPlan(compression, cache_windows(model))), self.name)
+
+
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of query (B, Hq, T, D) over key/value (B, Hkv, T, D) under the eviction rule."""
-    plan = PLAN.get()
-    if not isinstance(plan, OnePassPlan):
-        raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.evaluate(engine='masked')")
+    plan = plan_of(kwargs, OnePassPlan, ATTN)
     T, layer = query.shape[2], module.layer_idx
     c = plan.compression
     per_token = bytes_per_token(key, value)
@@ -62,7 +86,7 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
 def expiry_attention(query, key, value, exp, budget: int, scaling, softcap: float | None = None) -> torch.Tensor:
     """Causal attention while nothing is evicted, then per block of queries only over the keys
     still alive at the block's start, each query head packed with its KV group; `softcap` caps the
-    logits (`attention.sdpa`)."""
+    logits (`maths.sdpa`)."""
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     g = Hq // Hkv
@@ -89,9 +113,3 @@ def expiry_attention(query, key, value, exp, budget: int, scaling, softcap: floa
 
 AttentionInterface.register(ATTN, masked_attention)
 AttentionMaskInterface.register(ATTN, no_mask)
-
-
-@torch.no_grad()
-def evaluate_masked(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
-    """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,))."""
-    return one_pass(model, input_ids, ATTN, OnePassPlan(compression, cache_windows(model)))

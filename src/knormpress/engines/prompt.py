@@ -7,11 +7,12 @@
   the same for every strategy and budget, so it is computed once per model and prompt in this
   process and reused (a Hydra multirun runs its jobs one after another in one process);
 - streaming: the cache never exceeds the budget while the prompt is read: the fastest exact engine
-  that ends with the compressed cache (replay; streaming for strategies replay cannot reproduce).
+  that ends with the compressed cache (`Engine.builds_cache`; replay, or streaming for strategies
+  replay cannot reproduce).
 
-Decoding then goes on token by token from that cache under the same compression, with explicit
-positions (transformers would otherwise take them from the pruned cache's length). Prompts of one
-call share their length, so they decode as one batch.
+Decoding then goes on token by token from that cache under the same compression, through the
+streaming engine's `CacheReader`, with explicit positions (transformers would otherwise take them
+from the pruned cache's length). Prompts of one call share their length, so they decode as one batch.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from knormpress.compression import CacheCompressor, Compression
+from knormpress.compression import CacheCompressor, Compression, LayerState, build_cache, cache_state
+from knormpress.engines.base import PLAN, attention_implementation, plan_of
+from knormpress.engines.maths import grouped_weights, held_now, plain_attention, refuse_unsupported
+from knormpress.engines.run import pick_engine, run_engine
+from knormpress.engines.streaming import CacheReader
 from knormpress.errors import ConfigError
-from knormpress.engines import run_engine
-from knormpress.engines.attention import PROMPT, RECORD, attention_implementation
-from knormpress.engines.streaming import _Recording
 
+ATTN = "knorm_prompt"
+BLOCK = 256  # queries per block of the recorded weights: no T x T matrix is ever held
 STORE_BYTES = 6 << 30  # uncompressed prompt passes kept for reuse (least recently used dropped first)
 
 
@@ -52,9 +57,32 @@ class Pass:
 _STORE: OrderedDict[tuple[str, str], Pass] = OrderedDict()
 
 
-@dataclass
-class _Recorded:
-    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+def prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Transformers' own SDPA attention over a whole prompt read uncompressed (outputs unchanged),
+    recording into the plan (layer -> weights), per full-attention layer, what attention-based
+    strategies prune from: the last query's weights (B, Hq, T) and the weights summed over all
+    queries and each KV group (B, Hkv, T)."""
+    recorded = plan_of(kwargs, dict, ATTN)
+    refuse_unsupported(kwargs, "prefill")  # the outputs and recorded weights would not be the model's
+    softcap = kwargs.get("softcap")
+    if softcap is None:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    else:  # one unpadded prompt from position 0: causal, within the layer's window
+        out = plain_attention(query, key, value, scaling, kwargs.get("sliding_window"), softcap).transpose(1, 2), None
+    if kwargs.get("sliding_window") is None:
+        T = key.shape[2]
+        total = torch.zeros(key.shape[:3], dtype=torch.float32, device=key.device)
+        for start in range(0, T, BLOCK):
+            stop = min(start + BLOCK, T)
+            visible = torch.arange(stop, device=key.device) <= torch.arange(start, stop, device=key.device).view(-1, 1)
+            w = grouped_weights(query[:, :, start:stop], key[:, :, :stop], scaling, visible, softcap)
+            total[..., :stop] += w.sum(dim=(2, 3))
+        recorded[module.layer_idx] = (w[..., -1, :].flatten(1, 2).clone(), total)  # not a view of the block
+    return out
+
+
+AttentionInterface.register(ATTN, prompt_attention)
+AttentionMaskInterface.register(ATTN, sdpa_mask)
 
 
 def _fingerprint(model: PreTrainedModel) -> str:
@@ -72,22 +100,15 @@ def uncompressed_pass(model: PreTrainedModel, ids: torch.Tensor) -> Pass:
     if (hit := _STORE.get(key)) is not None:
         _STORE.move_to_end(key)
         return hit
-    T = ids.shape[0]
-    with attention_implementation(model, PROMPT, _Recorded()) as plan:
+    T, recorded = ids.shape[0], {}
+    with attention_implementation(model, ATTN):
         out = model(input_ids=ids.view(1, T).to(model.device), position_ids=torch.arange(T, device=model.device)[None],
-                    cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-    found = Pass([(l.keys, l.values) for l in out.cache.layers], out.logits[0, -1].float(), plan.recorded)
+                    cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1, **{PLAN: recorded})
+    found = Pass([(l.keys, l.values) for l in out.cache.layers], out.logits[0, -1].float(), recorded)
     _STORE[key] = found
     while sum(p.nbytes for p in _STORE.values()) > STORE_BYTES and len(_STORE) > 1:
         _STORE.popitem(last=False)
     return found
-
-
-def _cache(model: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    for idx, (keys, values) in enumerate(layers):
-        cache.update(keys, values, idx)
-    return cache
 
 
 def prompt_cache(model: PreTrainedModel, ids: torch.Tensor, compression: Compression | None, engine: str = "auto"
@@ -98,46 +119,32 @@ def prompt_cache(model: PreTrainedModel, ids: torch.Tensor, compression: Compres
     `engine` (streaming protocol only): auto = replay, or streaming where replay is not exact."""
     T = ids.shape[0]
     if compression is not None and compression.when == "streaming":
-        engine = prompt_engine(compression, engine)
+        engine = prompt_engine(compression, engine, model)
         out = run_engine(model, torch.cat([ids, ids[-1:]]), compression, engine)  # the extra token is never read
         return out.cache, out.logits[-1], out.kv_tokens[: T - 1], out.kv_bytes[: T - 1]
     p = uncompressed_pass(model, ids)
-    cache = _cache(model, p.layers)
+    cache = build_cache(model.config, ((keys, values, None) for keys, values in p.layers))
     if compression is not None:
         CacheCompressor(compression)(cache, p.attention if compression.strategy.needs_attention else None)
     seen = torch.arange(1, T, dtype=torch.float64)
     return cache, p.logits, seen, seen * (p.nbytes / T)
 
 
-def prompt_engine(compression: Compression | None, engine: str = "auto") -> str:
-    """What reads the prompt: "prefill" (uncompressed pass, pruned once) or the exact engine that
-    ends with the compressed cache (the masked engine builds none)."""
+def prompt_engine(compression: Compression | None, engine: str = "auto", model: PreTrainedModel | None = None) -> str:
+    """What reads the prompt: "prefill" (uncompressed pass, pruned once) or the engine `engine` names
+    (auto: the fastest) that reproduces the compression and ends with the compressed cache."""
     if compression is None or compression.when == "prefill":
         return "prefill"
-    if engine == "auto":
-        return "replay" if compression.strategy.replayable else "streaming"
-    return engine
+    return pick_engine(engine, compression, model, cache=True).name
 
 
 def _stack(model: PreTrainedModel, caches: list[DynamicCache]) -> DynamicCache:
-    """Caches of prompts of one length as one batch, with what the compressor tracks per layer."""
-    out = DynamicCache(config=model.config)
-    for idx, layers in enumerate(zip(*(c.layers for c in caches))):
-        out.update(torch.cat([l.keys for l in layers]), torch.cat([l.values for l in layers]), idx)
-        for name in ("knorm_positions", "knorm_attention_sum"):
-            if getattr(layers[0], name, None) is not None:
-                setattr(out.layers[idx], name, torch.cat([getattr(l, name) for l in layers]))
-        if hasattr(layers[0], "knorm_length"):
-            out.layers[idx].knorm_length = layers[0].knorm_length
-    return out
-
-
-def held(cache: DynamicCache) -> tuple[float, float]:
-    """(tokens per layer and KV head averaged over layers, bytes of keys and values) of one batch row."""
-    layers = cache.layers
-    rows = layers[0].keys.shape[0]
-    return (sum(l.keys.shape[-2] for l in layers) / len(layers),
-            sum(l.keys.nbytes + l.values.nbytes for l in layers) / rows)
+    """Caches of prompts of one length as one batch, with the compressor's state of each layer."""
+    states = [cache_state(c) for c in caches]
+    return build_cache(model.config, (
+        (torch.cat([l.keys for l in layers]), torch.cat([l.values for l in layers]),
+         LayerState.stacked([s[idx] for s in states]) if idx in states[0] else None)
+        for idx, layers in enumerate(zip(*(c.layers for c in caches)))))
 
 
 @dataclass
@@ -163,26 +170,21 @@ def generate(model: PreTrainedModel, prompts: torch.Tensor, compression: Compres
     if c is not None and c.positions != "true":
         raise ConfigError(f"decoding after a prompt keeps keys at their true positions; positions={c.positions!r} is "
                           "implemented for the lm task only: use compress.positions=true")
+    reader = prompt_engine(c, engine, model)
     parts = [prompt_cache(model, row, c, engine) for row in prompts]
     cache, logits = _stack(model, [p[0] for p in parts]), torch.stack([p[1] for p in parts])
     tokens, bytes_ = [parts[0][2]], [parts[0][3]]
-    compress = None if c is None else CacheCompressor(c)
-    record = c is not None and c.strategy.needs_attention
     answers: list[list[int]] = [[] for _ in range(n)]
-    answer_held = held(cache)
-    with attention_implementation(model, RECORD, _Recording(c)) if record else nullcontext() as recording:
+    answer_held = held_now(cache)
+    with CacheReader(model, c, cache) as read:
         for step in range(max_new_tokens):
             chosen = logits.argmax(-1)
             for answer, token in zip(answers, chosen.tolist()):
                 answer.append(token)
             if step == max_new_tokens - 1 or all(done(a) for a in answers):
                 break
-            now = held(cache)
+            now = held_now(cache)
             tokens.append(torch.tensor([now[0]], dtype=torch.float64))
             bytes_.append(torch.tensor([now[1]], dtype=torch.float64))
-            position = torch.full((n, 1), T + step, device=model.device)
-            out = model(input_ids=chosen.view(n, 1).to(model.device), position_ids=position, cache=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
-            if compress is not None:
-                compress(cache, recording.take() if record else None)
-    return Generated(answers, prompt_engine(c, engine), torch.cat(tokens), torch.cat(bytes_), *answer_held)
+            logits = read(chosen.view(n, 1).to(model.device), T + step)[:, -1].float()
+    return Generated(answers, reader, torch.cat(tokens), torch.cat(bytes_), *answer_held)

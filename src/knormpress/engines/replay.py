@@ -15,7 +15,7 @@ through `plain_attention`, a sliding layer with the window the model passes, as 
 one batched pass instead of one-token steps and differ in the last bits, so a near-tie in the
 scores (rounded key norms, attention weights) can be decided differently than token by token, as
 for the masked engine (see `knormpress.engines.masked` for its measured size on the default study;
-`knormpress.engines.agreement` counts it for any strategy).
+the agreement diagnostic, `diagnostics/agreement.py`, counts it for any strategy).
 
 The replay keeps B + interval slots per KV head (`_Slots`): a token that joins takes a slot freed by
 the last pruning, so nothing is copied; attention does not depend on the order of keys. Under
@@ -35,18 +35,57 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from knormpress.compression import Compression
-from knormpress.engines.attention import (PLAN, OnePassPlan, attend, bytes_per_token, cache_windows, cap, compresses,
-                                          grouped_weights, held_uncompressed, layer_window, no_mask, one_pass, plain_attention)
+from knormpress.compression import Compression, LayerState, build_cache
+from knormpress.engines.base import Engine, EngineOutput, OnePassPlan, one_pass, plan_of, register_engine
+from knormpress.engines.maths import (attend, bytes_per_token, cache_windows, cap, compresses, grouped_weights,
+                                      held_uncompressed, layer_window, no_mask, plain_attention)
 from knormpress.engines.masked import expiry_attention
 from knormpress.eviction import evict_one, held_counts, select
 from knormpress.rotary import Rotary
 from knormpress.strategies import CacheView
 
 ATTN = "knorm_replay"
+
+
+@register_engine
+@dataclass
+class Replay(Engine):
+    """One forward pass in which each compressed layer replays its own eviction: any replayable
+    strategy, either position policy, any interval; ends with the streaming engine's cache."""
+
+    name = "replay"
+
+    def refuses(self, compression: Compression | None, model: PreTrainedModel | None = None) -> str | None:
+        if compression is not None and not compression.strategy.replayable:
+            return f"strategy {compression.strategy.name!r} keeps state across layers"
+        return None
+
+    @torch.no_grad()
+    def run(self, model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None,
+            progress: bool = False) -> EngineOutput:
+        """The cache it returns is the streaming engine's after token T-2: per compressed layer the
+        kept keys, values, positions and attention received, in the streaming cache's order."""
+        T = input_ids.shape[1]
+        rotary = Rotary(model) if compression is not None and compression.positions == "rerotate" else None
+        plan = _Plan(compression, cache_windows(model), rotary=rotary)
+        logits, tokens, nbytes = one_pass(model, input_ids, ATTN, plan)
+        return EngineOutput(logits, tokens, nbytes, self.name, build_cache(model.config, (
+            (keys, values, _state(compression, T, keys, positions, received))
+            for _, (keys, values, positions, received) in sorted(plan.kept.items()))))
+
+
+def _state(c: Compression | None, T: int, keys: torch.Tensor, positions: torch.Tensor | None,
+           received: torch.Tensor | None) -> LayerState | None:
+    """A compressed layer's state as `CacheCompressor` leaves it after token T-2: the positions kept
+    by the last pruning (the tokens appended since follow them), the tokens fed by then, and the
+    attention each cached token received (attention-sum strategies). None for an uncompressed layer."""
+    if positions is None:
+        return None
+    fresh = keys.shape[-2] - c.fix_kv_size
+    return LayerState(positions[..., : c.fix_kv_size], T - 1 - fresh, received)
 
 
 @dataclass
@@ -57,9 +96,7 @@ class _Plan(OnePassPlan):
 
 def replay_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of query (1, Hq, T, D) over key/value (1, Hkv, T, D) under the eviction rule, replayed."""
-    plan = PLAN.get()
-    if not isinstance(plan, _Plan):
-        raise RuntimeError(f"the {ATTN!r} attention only runs inside knormpress.run_engine(engine='replay')")
+    plan = plan_of(kwargs, _Plan, ATTN)
     T, layer, c = query.shape[2], module.layer_idx, plan.compression
     per_token = bytes_per_token(key, value)
     window, softcap = layer_window(kwargs, layer, plan.windows, "replay"), kwargs.get("softcap")
@@ -254,23 +291,3 @@ def _one_thread() -> Iterator[None]:
 
 AttentionInterface.register(ATTN, replay_attention)
 AttentionMaskInterface.register(ATTN, no_mask)
-
-
-@torch.no_grad()
-def evaluate_replay(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None):
-    """One forward pass over (1, T); returns (logits (T, vocab), held tokens (T-1,), held bytes (T-1,),
-    the compressed cache after token T-2, equal to the streaming engine's)."""
-    T = input_ids.shape[1]
-    rotary = Rotary(model) if compression is not None and compression.positions == "rerotate" else None
-    plan = _Plan(compression, cache_windows(model), rotary=rotary)
-    logits, tokens, nbytes = one_pass(model, input_ids, ATTN, plan)
-    cache = DynamicCache(config=model.config)
-    for layer, (keys, values, kept_positions, received) in sorted(plan.kept.items()):
-        cache.update(keys, values, layer)
-        if received is not None:  # what the streaming cache keeps for attention-sum strategies
-            cache.layers[layer].knorm_attention_sum = received
-        if kept_positions is not None:  # as CacheCompressor leaves it: positions kept by the last pruning,
-            fresh = keys.shape[-2] - compression.fix_kv_size  # then the tokens appended since
-            cache.layers[layer].knorm_positions = kept_positions[..., : compression.fix_kv_size]
-            cache.layers[layer].knorm_length = T - 1 - fresh
-    return logits, tokens, nbytes, cache

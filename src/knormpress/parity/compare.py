@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from knormpress.compression import Compression
 from knormpress.engines import run_engine
-from knormpress.engines.agreement import watching
+from knormpress.diagnostics.agreement import watching
 from knormpress.errors import ConfigError
 from knormpress.eviction import select
 from knormpress.parity import kvpress_side

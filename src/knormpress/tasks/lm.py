@@ -10,42 +10,14 @@ texts, so a run's curve shows where along the text the compressed cache starts t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
 from knormpress.errors import ConfigError
 from knormpress.metrics import EvalResult, summarize
-from knormpress.tasks import Outcome, Task, register_task
-
-if TYPE_CHECKING:  # imported where used: knormpress.tasks loads without torch (the report reads the tasks' declarations)
-    import torch
-    from transformers import PreTrainedModel
-
-    from knormpress.compression import Compression
-
-
-def evaluate(model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None = None, **options: Any) -> EvalResult:
-    """Read `input_ids` (T,) or (1, T) and score each next-token prediction.
-
-    compression=None is the uncompressed baseline. options, as for `knormpress.run_engine`:
-    engine "auto" (the fastest exact engine for the strategy; default), "masked", "replay" or
-    "streaming" (token by token with a real cache, the reference), and progress (a bar per token).
-    """
-    import torch.nn.functional as F
-
-    from knormpress.engines import run_engine
-
-    out = run_engine(model, input_ids, compression, **options)
-    targets = input_ids.view(-1)[1:].to(out.logits.device)
-    return EvalResult(
-        nll=F.cross_entropy(out.logits, targets, reduction="none").cpu(),
-        correct=(out.logits.argmax(-1) == targets).cpu(),
-        engine=out.engine,
-        wall_s=out.wall_s,
-        **out.memory(),
-    )
+from knormpress.tasks.base import Outcome, Task, register_task
 
 
 @register_task
@@ -77,6 +49,8 @@ class LanguageModeling(Task):
             )
 
     def run(self, model, sample, compression, engine, progress):
+        from knormpress.engines import evaluate  # here, not at load: the tasks load without torch
+
         r = evaluate(model, sample.input_ids, compression, engine=engine, progress=progress)
         records = pd.DataFrame({"text_id": sample.id, "title": sample.title, "position": np.arange(1, r.n_tokens + 1),
                                 "nll": r.nll.float().numpy(), "correct": r.correct.bool().numpy()})

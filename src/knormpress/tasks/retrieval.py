@@ -26,7 +26,7 @@ import pandas as pd
 
 from knormpress.errors import ConfigError
 from knormpress.metrics import interval, resample_texts, wilson
-from knormpress.tasks import DatasetInfo, Outcome, Task, register_task
+from knormpress.tasks.base import DatasetInfo, Outcome, Task, register_task
 
 if TYPE_CHECKING:
     import torch
@@ -88,9 +88,9 @@ class Retrieval(Task):
     # ---- the task ---------------------------------------------------------------------------
 
     def check(self, compression, ev):
-        if ev.engine == "masked":
-            raise ConfigError(f"task {self.name} decodes from the cache after the prompt, which engine 'masked' never "
-                              "builds; use eval.engine=auto, replay or streaming")
+        from knormpress.engines import pick_engine  # here, not at load: the tasks load without torch
+
+        pick_engine(ev.engine, compression, cache=True)  # it decodes from the cache after the prompt
         if compression is not None and compression.fix_kv_size is not None and compression.fix_kv_size >= self.lengths[0]:
             raise ConfigError(f"compress.fix_kv_size={compression.fix_kv_size} is not smaller than the shortest prompt "
                               f"({self.lengths[0]} tokens, task.lengths), so nothing would be pruned; lower it or give "

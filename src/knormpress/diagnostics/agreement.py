@@ -27,11 +27,10 @@ import torch
 from transformers import PreTrainedModel
 
 from knormpress.compression import Compression
-from knormpress.engines import pick_engine
+from knormpress.engines import evaluate, pick_engine
 from knormpress.eviction import expiry
 from knormpress.metrics import EvalResult, pooled
 from knormpress.strategies import CacheView, Strategy
-from knormpress.tasks.lm import evaluate
 
 
 @dataclass
@@ -200,7 +199,7 @@ def compare_engines(
 ) -> Comparison:
     """Run the one-pass engine `auto` picks, then the streaming engine, on one text (T,), counting
     kept-set differences. Costs one run of each; `compression` is not modified."""
-    onepass_engine = pick_engine("auto", compression)
+    onepass_engine = pick_engine("auto", compression).name
     if onepass_engine == "streaming":
         raise ValueError(f"strategy {compression.strategy.name!r} has no one-pass engine to compare")
     expiries = Expiries(compression, input_ids.numel())

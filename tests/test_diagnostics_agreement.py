@@ -4,11 +4,10 @@ count on known scores, and on tiny models for both one-pass engines (masked and 
 import pytest
 import torch
 
-from knormpress import Compression
-from knormpress.engines.agreement import Expiries, KeptSets, compare_engines, watching
+from knormpress import Compression, evaluate
+from knormpress.diagnostics.agreement import Expiries, KeptSets, compare_engines, watching
 from knormpress.eviction import Budget, expiry, select
 from knormpress.strategies import CacheView
-from knormpress.tasks.lm import evaluate
 
 from conftest import VOCAB, tiny_model
 
