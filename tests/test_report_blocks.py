@@ -60,11 +60,11 @@ def test_the_first_run_keeps_the_result_lines_and_compares_them_without_timings(
     assert lines == ["baseline: ppl 38.686, accuracy 35.99%, 3 samples in 159.8 s",
                      "keep_low r=0.5: ppl 42.609 (+10.14%), 3 samples in 144.5 s"]
     assert numbers(lines[1]) == "keep_low r=0.5: ppl 42.609 (+10.14%), 3 samples"
-    block = first_run_block({"lines": lines, "wall_s": 154.6, "peak_rss_gb": 2.56, "cpu_cores": 2,
+    block = first_run_block({"lines": lines, "wall_s": 154.6, "cpu_s": 252.0, "peak_rss_gb": 2.56, "cpu_cores": 2,
                              "load_avg_at_start": 1.5})
     assert block.startswith("```text\nbaseline: ppl 38.686")
     assert "On 2 CPU cores (load average 1.5 as it started" in block
-    assert "it took 2 min 35 s and peaked at 2.6 GB of memory" in block
+    assert "it took 2 min 35 s (4.2 min of CPU time) and peaked at 2.6 GB of memory" in block
     assert first_run_block(None) == "Not measured yet: run `python scripts/first_run.py`."
 
 

@@ -41,9 +41,11 @@ def measure(root: Path) -> dict:
         seconds = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"python run.py exited {done.returncode}:\n{done.stdout[-2000:]}")
-    rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux: the largest child, the run
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # of the run: this process waits for no other child
     return {"command": "python run.py", "lines": result_lines(done.stdout), "wall_s": round(seconds, 1),
-            "peak_rss_gb": round(rss_kib * 1024 / 1e9, 2), "cpu_cores": os.cpu_count(), "load_avg_at_start": round(load, 1)}
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # what other work on the machine does not stretch
+            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2), "cpu_cores": os.cpu_count(),
+            "load_avg_at_start": round(load, 1)}
 
 
 def read_first_run(results: str | Path) -> dict | None:
@@ -57,10 +59,11 @@ def first_run_block(record: dict | None) -> str:
     if record is None:
         return "Not measured yet: run `python scripts/first_run.py`."
     minutes, seconds = divmod(round(record["wall_s"]), 60)
+    cpu = "" if "cpu_s" not in record else f" ({record['cpu_s'] / 60:.1f} min of CPU time)"
     return "\n".join([
         "```text", *record["lines"], "```", "",
         f"One line per run: the baseline (no compression) and keep_low at its defaults. On "
         f"{record['cpu_cores']} CPU cores (load average {record['load_avg_at_start']:g} as it started; more "
-        f"load, more time), with the model and texts already cached, it took {minutes} min {seconds:02d} s "
+        f"load, more time), with the model and texts already cached, it took {minutes} min {seconds:02d} s{cpu} "
         f"and peaked at {record['peak_rss_gb']:.1f} GB of memory (generated from "
         f"`results/{FIRST_RUN}` by `python scripts/first_run.py`, which `--check` reruns)."])
