@@ -27,8 +27,8 @@ token, 1 thread on each side.
 Known difference by design: TOVAPress always keeps the newest token, our tova lets it compete at
 keep_ratio 0 (it counts only if a newest token ever scores among the lowest).
 
-Writes one JSON line per press and mode (--out, default results/kvpress_parity.jsonl) and rewrites
-the README block between the kvpress-parity markers from it; `--render-only` does only the latter.
+Writes one JSON line per press and mode (--out, default results/kvpress_parity.jsonl); the docs build
+renders its table into docs/kvpress.md (knormpress.report.blocks).
 Example: python scripts/kvpress_parity.py   (about 14 min on 2 busy cores: the two sides run at once, 1 thread each)
 """
 
@@ -43,7 +43,6 @@ import torch
 import transformers
 
 from knormpress.errors import ConfigError
-from knormpress.report.kvpress_parity import parity_block, read_parity, with_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,20 +95,15 @@ def main() -> None:
     p.add_argument("--press", nargs="+", default=["knorm", "tova", "keydiff"], choices=["knorm", "tova", "keydiff"])
     p.add_argument("--threads", type=int, default=1, help="torch threads on each side (float rounding depends on it)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "kvpress_parity.jsonl")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    p.add_argument("--render-only", action="store_true", help="only rewrite the README block from --out")
     args = p.parse_args()
     try:
-        if not args.render_only:
-            start = time.perf_counter()
-            rows = measure(args)
-            args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            print(*(json.dumps(r) for r in rows), f"wrote {args.out} in {time.perf_counter() - start:.0f} s", sep="\n")
-        args.readme.write_text(with_block(args.readme.read_text(), parity_block(read_parity(args.out))))
+        start = time.perf_counter()
+        rows = measure(args)
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(*(json.dumps(r) for r in rows), f"wrote {args.out} in {time.perf_counter() - start:.0f} s", sep="\n")
     except ConfigError as error:  # one line, exit 2, as run.py prints a mistake
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print("rewrote the kvpress-parity block of", args.readme)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_a_missing_kvpress_environment_is_one_line_naming_the_recipe(tmp_path):
 
 def test_the_script_fails_in_one_line_without_the_kvpress_environment(tmp_path):
     done = subprocess.run([sys.executable, "scripts/kvpress_parity.py", "--kvpress-python", str(tmp_path / "python"),
-                           "--out", str(tmp_path / "parity.jsonl"), "--readme", str(tmp_path / "README.md")],
+                           "--out", str(tmp_path / "parity.jsonl")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

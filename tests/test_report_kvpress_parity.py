@@ -1,20 +1,14 @@
-"""The agreement with NVIDIA kvpress as rendered: the table from hand-built lines, the README block
-rewritten between its markers, the README in step with results/kvpress_parity.jsonl, and the summary's section."""
+"""The agreement with NVIDIA kvpress as rendered: the table from hand-built lines and the summary's
+section (the docs page's block: tests/test_report_blocks.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 from report_data import V1
 
-from knormpress.errors import ConfigError
-from knormpress.report.kvpress_parity import (BEGIN, END, PARITY, current_block, parity_block, read_parity, verdict,
-                                              with_block)
+from knormpress.report.kvpress_parity import parity_block, verdict
 from knormpress.report.runs import read_results
 from knormpress.report.summary import summary_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTING = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "text": "Hamlet", "tokens": 800, "fix_kv_size": 128,
            "keep_ratio": 0.0, "threads": 1, "transformers": "5.25.0", "git": "abcdef12",
            "kvpress_versions": {"kvpress": "0.5.5", "transformers": "5.2.0"},
@@ -44,22 +38,6 @@ def test_the_table_has_one_row_per_press_and_mode():
         "55.1235 | 1.5 (8.2e-05) | differ |",
         "| KnormPress | keep_low | our tie rule | 0 of 60,390 | 56.0000 | 55.1235 | 0 (0) | bit for bit |"]
     assert parity_block([]) == "Not measured yet: run `python scripts/kvpress_parity.py`."
-
-
-def test_the_block_between_the_markers_is_rewritten_and_nothing_else():
-    text = f"intro\n\n{BEGIN}\nold table\n{END}\n\nrest\n"
-    new = with_block(text, "new\ntable")
-    assert new == f"intro\n\n{BEGIN}\nnew\ntable\n{END}\n\nrest\n"
-    assert current_block(new) == "new\ntable"
-    with pytest.raises(ConfigError, match="kvpress-parity:begin"):
-        with_block("no markers here", "x")
-
-
-def test_the_readme_block_is_what_the_renderer_makes_of_the_results():
-    """Fails when README.md and results/kvpress_parity.jsonl drift apart: rerun
-    `python scripts/kvpress_parity.py --render-only`."""
-    rows = read_parity(ROOT / "results" / PARITY)
-    assert current_block((ROOT / "README.md").read_text()) == parity_block(rows)
 
 
 def test_the_summary_quotes_the_agreement_only_when_measured():

@@ -1,15 +1,13 @@
 """The agreement with NVIDIA kvpress as a table, from results/kvpress_parity.jsonl
-(`scripts/kvpress_parity.py`): for the README's generated block and results/summary.md."""
+(`scripts/kvpress_parity.py`): for the docs' generated block and results/summary.md."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from knormpress.errors import ConfigError
 
 PARITY = "kvpress_parity.jsonl"  # in the results folder
-BEGIN, END = "<!-- kvpress-parity:begin -->", "<!-- kvpress-parity:end -->"
 
 
 def read_parity(path: str | Path) -> list[dict]:
@@ -58,18 +56,3 @@ def parity_block(rows: list[dict]) -> str:
                      f"{verdict(r)} |")
     return "\n".join(lines)
 
-
-def with_block(text: str, block: str) -> str:
-    """`text` with what lies between the BEGIN and END markers replaced by `block`."""
-    start, stop = text.find(BEGIN), text.find(END)
-    if start < 0 or stop < start:
-        raise ConfigError(f"no {BEGIN} ... {END} block to rewrite")
-    return f"{text[:start + len(BEGIN)]}\n{block}\n{text[stop:]}"
-
-
-def current_block(text: str) -> str:
-    """What lies between the markers now (without the line breaks next to them)."""
-    start, stop = text.find(BEGIN), text.find(END)
-    if start < 0 or stop < start:
-        raise ConfigError(f"no {BEGIN} ... {END} block")
-    return text[start + len(BEGIN):stop].strip("\n")
