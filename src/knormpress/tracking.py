@@ -29,13 +29,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
-
-from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from knormpress.errors import ConfigError
+
+if TYPE_CHECKING:  # mlflow is imported when a Tracker is made: the schema and the sweep callback load without it
+    from mlflow.entities import Run
 
 log = logging.getLogger("knormpress.tracking")
 HISTORY_PREFIX = "curve/"  # metric histories (a task's curves) are logged as curve/<name>
@@ -119,12 +118,16 @@ class Tracker:
         for name in ("alembic", "mlflow"):  # schema migrations on a fresh database are not news
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file per job
+        from mlflow import MlflowClient
+
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment = experiment
         self.experiment_id = retry(self._experiment_id, experiment)
 
     def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         kind, value = EXPERIMENT_KIND
         found = self.client.get_experiment_by_name(name)
         if found is None:
@@ -194,6 +197,8 @@ class Tracker:
             retry(self.client.set_terminated, run_id, status)
 
     def log(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], labels: dict[str, str], files: list[Path]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
         now = int(time.time() * 1000)
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -206,6 +211,8 @@ class Tracker:
 
     def log_histories(self, run_id: str, histories: dict[str, list[tuple[int, float]]]) -> None:
         """Each curve as the metric history `HISTORY_PREFIX + name`, one point per step."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         points = [Metric(HISTORY_PREFIX + name, float(v), now, int(step))
                   for name, curve in histories.items() for step, v in curve if math.isfinite(float(v))]
@@ -214,6 +221,8 @@ class Tracker:
 
     def log_dataset(self, run_id: str, info: Any, digest: str) -> None:
         """The samples a run read (a `tasks.DatasetInfo`) as its evaluation dataset input."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
         dataset = Dataset(info.name, digest, info.source_type, json.dumps(info.source), profile=json.dumps(info.profile))
         retry(self.client.log_inputs, run_id, [DatasetInput(dataset, [InputTag(TAGS["dataset_context"], "eval")])])
 
