@@ -101,6 +101,7 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
     code = fingerprint.current() if tracker else None
     if tracker:  # runs (sweep parents too) that a killed process on this host left RUNNING end FAILED now
         tracker.reap({}, everywhere=True)
+        tracker.show_columns(table_columns(task))
     key = baseline_key(plain)
     if tracker and not rc.force and (done := _done(tracker, code, compression, plain)):
         tracker.supersede({"baseline_key": key}, done.info.run_id, code.digest, everywhere=True)
@@ -265,6 +266,13 @@ def _library_bars(show: bool) -> Iterator[None]:
 
 def _name(compression: Compression | None) -> str:
     return "baseline" if compression is None else compression.label
+
+
+def table_columns(task: Task) -> list[str]:
+    """The metrics the MLflow runs table shows for a task: its key metrics, their changes against the
+    baseline (no intervals) and the memory saved."""
+    changes = [c for c in task.columns if c.startswith("delta_") and not c.endswith(("_lo", "_hi"))]
+    return [*task.key_metrics, *changes, "memory_saving_pct"]
 
 
 def run_name(model: str, task: str, label: str) -> str:

@@ -134,12 +134,10 @@ def end_sweep(status: str) -> None:
 
 
 def browse_hint(tracker: Tracker) -> str:
-    """How to open an experiment's runs table in the MLflow UI (the workflowType query opens recent
-    UIs in their "Model training" mode, whatever the sidebar switch was last set to)."""
-    page = f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+    """How to open an experiment's runs table in the MLflow UI (`Tracker.browse_url`)."""
     if tracker.uri.startswith(("http://", "https://")):
-        return f"{tracker.uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {tracker.uri.partition('?')[0]}, then http://127.0.0.1:5000/{page}"
+        return tracker.browse_url()
+    return f"mlflow ui --backend-store-uri {tracker.uri.partition('?')[0]}, then {tracker.browse_url()}"
 
 
 def _summarize_children(tracker: Tracker, run_id: str, name: str, figure: str | None) -> None:

@@ -48,10 +48,15 @@ TAGS = {  # field -> MLflow tag: everything a run is labelled with, and how look
     "git_commit": "git.commit", "git_dirty": "git.dirty", "parent": "mlflow.parentRunId",
     "description": "mlflow.note.content", "dataset_context": "mlflow.data.context",
 }
-# MLflow 3's experiment type: classic ML, so its UI opens the experiment on the runs table, not on
-# the GenAI traces overview (recent UIs, 3.17 here, follow the sidebar's GenAI / Model training
-# switch first: see the README).
+# MLflow 3's experiment type: classic ML. MLflow 3.17's UI no longer reads it to choose a page: it
+# follows the sidebar's GenAI / Model training switch (the URL's `workflowType`, else the browser's
+# localStorage `mlflow.workflowType`, default genai), so `browse_url` names the mode in the link.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# The runs table's columns: the UI shows Source, Models and Dataset unless a view says otherwise. A
+# view is an experiment tag `mlflow.sharedViewState.<key>` (JSON of the table's state), opened by the
+# URL's `viewStateShareKey=<key>`, as the UI's own Share button writes it.
+VIEW_KEY = "knormpress"
+VIEW_TAG = "mlflow.sharedViewState." + VIEW_KEY
 
 
 def tags(**fields: Any) -> dict[str, str]:
@@ -144,6 +149,23 @@ class Tracker:
         if kind not in found.tags:  # made by an older version: mark it, but leave a kind someone chose alone
             self.client.set_experiment_tag(found.experiment_id, kind, value)
         return found.experiment_id
+
+    def show_columns(self, metrics: list[str]) -> None:
+        """Add `metrics` to the columns of the experiment's runs-table view (`VIEW_TAG`), after those
+        it shows already (one experiment may hold several tasks' runs)."""
+        found = retry(self.client.get_experiment, self.experiment_id).tags.get(VIEW_TAG)
+        state = json.loads(found) if found else {"selectedColumns": []}
+        columns = state.get("selectedColumns", [])
+        state["selectedColumns"] = columns + [c for c in (f"metrics.`{m}`" for m in metrics) if c not in columns]
+        if found is None or state["selectedColumns"] != columns:
+            retry(self.client.set_experiment_tag, self.experiment_id, VIEW_TAG, json.dumps(state))
+
+    def browse_url(self, base: str = "http://127.0.0.1:5000") -> str:
+        """The MLflow UI's page of this experiment's runs table, in Model training mode, with the view
+        `show_columns` keeps (`base`: where `mlflow ui` serves; a tracking server serves itself)."""
+        if self.uri.startswith(("http://", "https://")):
+            base = self.uri
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
     def _artifact_root(self) -> str | None:
         """Artifacts next to a sqlite file (mlartifacts/), not wherever the process happens to run."""
