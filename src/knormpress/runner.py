@@ -44,7 +44,7 @@ from knormpress.config import RunConfig, as_baseline, baseline_key, config_hash,
 from knormpress.fingerprint import Fingerprint
 from knormpress.sources.models import ModelBundle, load_model
 from knormpress.tasks import Task
-from knormpress.sweeps import sweep_dir, sweep_parent
+from knormpress.sweeps import note_reused, sweep_dir, sweep_parent
 from knormpress.tracking import TAGS, Tracker, resolve_uri, show_progress, tags
 
 log = logging.getLogger("knormpress")
@@ -105,6 +105,8 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
     key = baseline_key(plain)
     if tracker and not rc.force and (done := _done(tracker, code, compression, plain)):
         tracker.supersede({"baseline_key": key}, done.info.run_id, code.digest, everywhere=True)
+        if job.sweep:
+            note_reused(job.sweep, done.info.run_id)
         log.info("skip %s: run %s already FINISHED with this config and code (force=true reruns it)", _name(compression),
                  done.info.run_id)
         return None
@@ -128,6 +130,8 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
             if baseline is None:
                 baseline = _measure(ctx, as_baseline(plain), None, None, job.out_dir / ("" if compression is None else "baseline"))
             elif compression is not None:
+                if job.sweep:
+                    note_reused(job.sweep, baseline.run_id)
                 bar.total = len(samples)
                 bar.refresh()
         if compression is None:
