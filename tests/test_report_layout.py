@@ -1,5 +1,5 @@
 """Every figure reads at a glance: drawn from the committed results/ and from the small v1 export,
-no two texts overlap and none leaves the canvas (`report.layout`)."""
+no two texts overlap and none leaves the canvas (`layout.py`)."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from report_data import V1
 
 from knormpress.report.claims import load_claims
 from knormpress.report.figures import task_figures
-from knormpress.report.layout import problems
+from layout import problems
 from knormpress.report.runs import read_results
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"

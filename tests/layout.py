@@ -1,4 +1,4 @@
-"""Is a figure readable: no two pieces of text drawn over each other, none cut off by the canvas.
+"""Is a figure readable (a test helper): no two pieces of text drawn over each other, none cut off by the canvas.
 
 Measured after drawing, from matplotlib's renderer (`Text.get_window_extent`), for every visible
 Text artist with text (titles, labels, tick labels, legend entries, annotations).
