@@ -18,7 +18,7 @@ from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
 PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 40, "passkey": 40, "needle": 40}
-NEEDS = {"local_text": ["dataset.path=/tmp"], "hub": ["model.source.id=org/model"]}  # options with a required setting
+NEEDS = {"local_text": [f"dataset.path={Path(__file__)}"], "hub": ["model.source.id=org/model"]}  # options with a required setting (a path that exists)
 
 
 def options(group: str) -> list[str]:
@@ -208,5 +208,5 @@ def test_conf_dir_is_the_repo_conf():
 
 
 def test_a_pg19_split_that_does_not_exist_fails_before_any_download():
-    with pytest.raises(ConfigError, match="unknown dataset.split 'tset'; choose one of train, validation, test$"):
+    with pytest.raises(ConfigError, match="unknown dataset.split 'tset'; choose one of train, validation, test; did you mean 'test'\\?$"):
         validate(compose("config", overrides=["dataset=pg19", "dataset.split=tset"]))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from knormpress.tracking import Tracker, resolve_uri
+from knormpress.tracking import VIEW_TAG, Tracker, resolve_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,46 @@ def test_mlflow_ui_shows_a_fresh_sweep_as_ml_runs_with_datasets_curves_and_a_com
             curve = get(f"{api}/metrics/get-history", run_id=child["info"]["run_id"], metric_key="curve/nll_by_position")["metrics"]
             assert sorted(m["step"] for m in curve) == [0, 100, 200]  # positions 1-99, 100-199, 200-249
             note = {t["key"]: t["value"] for t in child["data"]["tags"]}["mlflow.note.content"]
-            assert note.startswith(child["info"]["run_name"] + ": ppl ")
+            label, _, result = note.partition(": ")  # the run's name is model, task, then this label
+            assert child["info"]["run_name"].endswith(f" lm {label}") and result.startswith("ppl ")
 
         files = get(f"{api}/artifacts/list", run_id=parent["info"]["run_id"])["files"]
         assert [f["path"] for f in files] == ["comparison.png"] and int(files[0]["file_size"]) > 1000
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (.ci/run installs it); Playwright drives it, downloading no browser
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # offline: no calls home at start
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: `apt-get install -y chromium` (.ci/run does)")
+def test_the_experiment_opens_on_the_runs_table_with_the_headline_metrics(tmp_path):
+    """What a person sees in a real browser following the link a sweep prints (`Tracker.browse_url`):
+    the runs table in Model training mode, runs named by model, task and setting, metric columns."""
+    from playwright.sync_api import sync_playwright
+
+    from knormpress.runner import run_name, table_columns
+    from knormpress.tasks import get_task
+
+    tracker = Tracker(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path), "knormpress")
+    tracker.show_columns(table_columns(get_task("lm")))
+    tracker.show_columns(table_columns(get_task("passkey")))  # a second task adds its columns, keeps the first's
+    names = [run_name("SmolLM2", "lm", "baseline"), run_name("SmolLM2", "lm", "keep_low kv=512 r=0.5")]
+    for name, ppl in zip(names, (20.0, 22.5)):
+        with tracker.run(name, {"knormpress.task": "lm"}) as run_id:
+            tracker.log(run_id, {}, {"ppl": ppl, "delta_ppl_pct": ppl / 20 * 100 - 100, "memory_saving_pct": 50.0}, {}, [])
+    with mlflow_ui(tmp_path / "mlflow.db") as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page.goto(tracker.browse_url(base))
+            page.get_by_text(names[1]).first.wait_for(timeout=120_000)  # the runs table, not the GenAI overview
+            headers = {h.strip() for h in page.locator("[role=columnheader]").all_inner_texts()}
+            page.screenshot(path=str(tmp_path / "runs.png"))
+        finally:
+            browser.close()
+    assert "/runs" in page.url and {"Run Name", "ppl", "delta_ppl_pct", "memory_saving_pct"} <= headers
+    view = json.loads(tracker.client.get_experiment(tracker.experiment_id).tags[VIEW_TAG])  # what the UI did not show:
+    assert view["selectedColumns"] == [f"metrics.`{m}`" for m in ("ppl", "accuracy", "delta_ppl_pct", "delta_accuracy_pct",
+                                                                 "memory_saving_pct")]  # no run has delta_accuracy_pct

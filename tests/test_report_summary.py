@@ -216,4 +216,4 @@ def test_the_setup_quotes_the_engines_float32_agreement(tmp_path):
 def test_retrieval_runs_are_described_by_their_prompts():
     runs = tidy(pd.DataFrame([{"run_id": "p", "experiment": "passkey", "role": "baseline", "strategy": "none",
                                "task": "passkey", "model": "tiny", "dataset": "gutenberg", "n_trials": 20, "accuracy": 1.0}]))
-    assert describe(runs) == "tiny on gutenberg, 20 prompts per run"
+    assert describe(runs) == "tiny on synthetic filler, 20 prompts per run"  # passkey reads no dataset text

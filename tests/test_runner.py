@@ -142,7 +142,7 @@ def test_runs_of_other_code_are_rerun_superseded_and_not_exported_until_the_code
     with caplog.at_level(logging.INFO, logger="knormpress"):
         assert job(args, tmp_path) is not None
     why = f"FINISHED with other code (fingerprint {today.digest} != {other.digest}: src/knormpress/strategies.py changed)"
-    assert f"rerun keep_low r=0.5: run {old['compressed']} {why}" in caplog.messages
+    assert f"rerun keep_low kv=32 r=0.5: run {old['compressed']} {why}" in caplog.messages
     assert f"measure a new baseline: run {old['baseline']} {why}" in caplog.messages
     new = {r.data.tags["knormpress.role"]: r.info.run_id for r in runs(tmp_path, fingerprint=other.digest)}
     assert set(new) == {"baseline", "compressed"} and status(tmp_path) == ["FINISHED"] * 4
@@ -194,7 +194,7 @@ def test_a_run_logs_its_texts_curves_and_one_line_result(args, tmp_path, texts):
     assert given.dataset.digest == run.data.tags["knormpress.samples_hash"]
     curve = client.get_metric_history(run.info.run_id, "curve/nll_by_position")
     assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [0, 100]  # positions 1-99 and 100-119
-    assert run.data.tags["mlflow.note.content"].startswith("keep_low r=0.5: ppl ")
+    assert run.data.tags["mlflow.note.content"].startswith("keep_low kv=32 r=0.5: ppl ")
     assert not [c for c in load_runs("knormpress", resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)).columns
                 if c.startswith("curve/")]  # the export's columns are results, not the last point of a curve
 
@@ -369,13 +369,38 @@ def test_a_sweep_killed_with_sigkill_is_marked_failed_by_the_next_start(args, tm
 
 def test_a_misspelled_strategy_setting_names_the_valid_ones(args, tmp_path, monkeypatch, capsys):
     assert cli_exit([*args, "compress=random", "compress.strategy.sed=3", f"hydra.run.dir={tmp_path}/run"], monkeypatch) == 2
-    assert capsys.readouterr().err.strip() == "error: strategy 'random' has no setting 'sed'; its settings are: seed"
+    assert capsys.readouterr().err.strip() == "error: strategy 'random' has no setting 'sed'; its settings are: seed; did you mean 'seed'?"
 
 
-def test_a_run_is_named_by_its_strategy_label_and_budget():
+def test_a_run_is_named_by_its_model_task_strategy_label_and_budget():
     from knormpress import Compression
-    from knormpress.runner import _name
+    from knormpress.runner import _name, run_name
 
     assert _name(Compression({"name": "h2o", "normalise": "mean"}, fix_kv_size=None, ratio=0.5, when="prefill")) == \
         "h2o[normalise=mean] r=0.5 ratio=0.5 prefill"
-    assert _name(Compression({"name": "random", "seed": 3}, keep_ratio=0.3)) == "random r=0.3"
+    assert _name(Compression({"name": "random", "seed": 3}, fix_kv_size=256, keep_ratio=0.3)) == "random kv=256 r=0.3"
+    assert run_name("gemma-3-270m", "passkey", _name(None)) == "gemma-3-270m passkey baseline"
+
+
+def test_a_prefill_run_is_judged_by_the_cache_its_answer_is_decoded_from():
+    """Prefill reads the prompt whole, so its peak equals the baseline's; the saving is that of the
+    pruned cache the answer is decoded from (streaming runs keep the peak)."""
+    from types import SimpleNamespace
+
+    from knormpress import Compression
+    from knormpress.runner import Measured, _held_at, _resources, _result_line
+    from knormpress.tasks import get_task
+
+    sample = SimpleNamespace(input_ids=torch.zeros(11))
+    full = {"kv_tokens_peak": 400.0, "kv_tokens_mean": 200.0, "kv_bytes_peak": 4000.0, "kv_bytes_mean": 2000.0,
+            "kv_tokens_answer": 400.0, "kv_bytes_answer": 4000.0}
+    pruned = full | {"kv_tokens_answer": 40.0, "kv_bytes_answer": 400.0}
+    baseline = Measured(pd.DataFrame(), full)
+    prefill = Compression("keep_low", fix_kv_size=None, ratio=0.9, when="prefill")
+    held = _held_at(prefill, pruned)
+    m = _resources([SimpleNamespace(memory=pruned, wall_s=1.0)], [sample], baseline, held)
+    assert held == "answer" and m["memory_saving_pct"] == pytest.approx(100 * (1 - 400 / 4000))
+    line = _result_line("keep_low r=0.5 ratio=0.9 prefill", get_task("passkey"), m | {"accuracy": 1.0, "accuracy_lo": 0.9, "accuracy_hi": 1.0, "n_trials": 10}, [sample],
+                        held)
+    assert "kv 40 tokens at the answer (90% less memory)" in line
+    assert _held_at(Compression("keep_low"), full) == _held_at(None, full) == "peak"

@@ -45,8 +45,8 @@ def test_the_new_setting_is_a_report_column_read_from_its_param_and_typed():
 
 
 def test_the_new_setting_names_runs_only_when_it_differs_from_its_default():
-    assert Extended("h2o").label == Compression("h2o").label == "h2o r=0.5"
-    assert Extended("h2o", extra=8).label == "h2o r=0.5 extra=8"
+    assert Extended("h2o").label == Compression("h2o").label == "h2o kv=512 r=0.5"
+    assert Extended("h2o", extra=8).label == "h2o kv=512 r=0.5 extra=8"
     assert name_parts(Compression(fix_kv_size=None, ratio=0.9, when="prefill")) == ["r=0.5", "ratio=0.9", "prefill"]
     with pytest.raises(ConfigError, match="extra must be an integer >= 0"):
         Extended(extra=-1)

@@ -175,7 +175,7 @@ def test_a_local_folder_runs_through_the_cli(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=os.environ | {"CI": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 2, done.stderr
-    assert f"loaded model {tmp_path / 'qwen2'} (source hub)" in done.stdout and "keep_low r=0.5: ppl" in done.stdout
+    assert f"loaded model {tmp_path / 'qwen2'} (source hub)" in done.stdout and "keep_low kv=24 r=0.5: ppl" in done.stdout
     assert done.stdout.count("baseline: ppl") == 1  # the GPT-2 job stopped before its baseline
     refusal = ("positions='rerotate' moves keys with the model's rotary embedding (base_model.rotary_emb), which "
                "GPT2LMHeadModel does not have; use positions=true")

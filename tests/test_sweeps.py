@@ -96,3 +96,30 @@ def test_a_parent_whose_launcher_was_killed_is_reaped(tracker, tmp_path):
     assert tracker.client.get_run(parent).info.status == "RUNNING"
     Tracker(tracker.uri, "another").reap({}, everywhere=True)
     assert tracker.client.get_run(parent).info.status == "FAILED"
+
+
+def test_runs_the_sweep_reused_join_its_description_and_figure(tracker, tmp_path, monkeypatch):
+    """A baseline measured before and a job skipped as already done have no run under the parent;
+    `note_reused` puts them in the parent's description and in the figure's rows (baseline line)."""
+    from knormpress import sweeps
+
+    drawn = {}
+    monkeypatch.setattr(sweeps, "get_method", lambda name: lambda rows, title: drawn.setdefault("rows", rows) and None)
+    old = {}
+    for role, name, ppl in (("baseline", "baseline", 20.0), ("compressed", "keep_low r=0.3", 23.0)):
+        with tracker.run(name, tags(role=role, task="lm", description=f"{name}: ppl {ppl}")) as run_id:
+            tracker.log(run_id, {}, {"ppl": ppl}, {}, [])
+        old[name] = run_id
+    SweepRun(figure="any.figure").on_multirun_start(sweep_config(tmp_path, ["compress.keep_ratio=0.3,0.5"]))
+    parent = sweep_parent(tmp_path / "sweep", tracker)
+    sweeps.note_reused(tmp_path / "sweep", old["baseline"])
+    sweeps.note_reused(tmp_path / "sweep", old["keep_low r=0.3"])
+    sweeps.note_reused(tmp_path / "sweep", old["baseline"])  # a second job reused it too: listed once
+    with tracker.run("keep_low r=0.5", tags(role="compressed", parent=parent, task="lm", description="keep_low r=0.5: ppl 22.0")) as run_id:
+        tracker.log(run_id, {}, {"ppl": 22.0}, {}, [])
+    end_sweep("FINISHED")
+    note = tracker.client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note.startswith("3 of 3 runs finished.") and "- baseline: ppl 20.0 (reused)" in note
+    assert "- keep_low r=0.3: ppl 23.0 (reused)" in note and "- keep_low r=0.5: ppl 22.0\n" in note + "\n"
+    assert sorted(drawn["rows"].name) == ["baseline", "keep_low r=0.3", "keep_low r=0.5"]
+    assert drawn["rows"].set_index("name").role["baseline"] == "baseline"

@@ -163,3 +163,15 @@ def test_a_run_has_its_dataset_input_curves_and_description(tracker):
     history = tracker.client.get_metric_history(run_id, HISTORY_PREFIX + "nll_by_position")
     assert sorted((m.step, m.value) for m in history) == [(0, 4.0), (100, 3.5), (300, 3.0)]  # not-a-number points left out
     assert run.data.tags["mlflow.note.content"] == "keep_low r=0.5: ppl 42.6"
+
+
+def test_the_runs_table_view_gains_columns_and_keeps_those_it_has(tmp_path):
+    from knormpress.tracking import VIEW_KEY, VIEW_TAG
+
+    tracker = Tracker(resolve_uri(f"sqlite:///{tmp_path}/mlflow.db", tmp_path), "view")
+    tracker.show_columns(["ppl", "memory_saving_pct"])
+    tracker.show_columns(["accuracy", "memory_saving_pct"])
+    view = json.loads(tracker.client.get_experiment(tracker.experiment_id).tags[VIEW_TAG])
+    assert view == {"selectedColumns": ["metrics.`ppl`", "metrics.`memory_saving_pct`", "metrics.`accuracy`"]}
+    url = tracker.browse_url("http://host:5000/")
+    assert url == f"http://host:5000/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"

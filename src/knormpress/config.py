@@ -1,5 +1,8 @@
 """Typed schema of a composed run config: every typo or out-of-range value fails here, before any model loads.
 
+Everything checked before the model spec and the engine choice imports no torch, transformers or
+mlflow, so a mistake is reported about a second after the command starts.
+
 The YAML files under conf/ say what a run does; these dataclasses say what is allowed. `validate`
 merges a composed config into the schema (unknown keys and wrong types fail in OmegaConf) and
 builds the dataclasses (whose `__post_init__` checks ranges and choices), turning every mistake
@@ -19,13 +22,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from knormpress.compression import Compression
-from knormpress.engines import pick_engine
 from knormpress.errors import ConfigError, choose
 from knormpress.registry import settings
 from knormpress.settings import defaults
 from knormpress.sources.datasets import Dataset, get_dataset
-from knormpress.sources.models import DEVICES, DTYPES, validate_model_spec
+from knormpress.sources.hardware import DEVICES, DTYPES
+from knormpress.spec import Compression
 from knormpress.tasks import Task, get_task
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -87,10 +89,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _import_plugins(self.plugins)
-        validate_model_spec(self.model)
-        self.build_dataset()
+        self.build_dataset().check()
         compression = self.build_compression()
         self.build_task().check(compression, self.eval)
+        from knormpress.engines import pick_engine  # torch and transformers from here on
+        from knormpress.sources.models import validate_model_spec
+
+        validate_model_spec(self.model)
         pick_engine(self.eval.engine, compression)  # e.g. masked + random_per_step
 
     def build_compression(self) -> Compression | None:

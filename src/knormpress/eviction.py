@@ -23,8 +23,10 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where a selection is computed, so a spec's budget is checked without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ def select(
     time order; without it in score order (sinks and recent window first, in time order), the
     original paper's layout, kept only for the ablation.
     """
+    import torch
+
     n = scores.shape[-1]
     if n <= budget.fix_kv_size:
         return torch.arange(n, device=scores.device).expand(scores.shape)
@@ -73,6 +77,8 @@ def evict_one(scores: torch.Tensor, positions: torch.Tensor, length: int, budget
     """Index (...,) of the one token `select` drops from a cache of B + 1: the lowest-scored of the
     older tokens, the latest of them on a tie. The replay engine's step, without select's sorts;
     a test checks it against `select`."""
+    import torch
+
     forced = positions >= length - budget.n_recent
     if budget.n_sink:
         forced |= positions < budget.n_sink
@@ -92,6 +98,8 @@ def expiry(scores: torch.Tensor, budget: Budget, interval: int = 1) -> torch.Ten
     a static score never lets an evicted key win again, so the key leaves at the first pruning
     at or after the step that evicts it when pruning every step.
     """
+    import torch
+
     shape, T = scores.shape, scores.shape[-1]
     first = budget.n_sink
     K, lag = budget.n_scored, budget.n_recent + 1
@@ -117,6 +125,8 @@ def expiry(scores: torch.Tensor, budget: Budget, interval: int = 1) -> torch.Ten
 def held_counts(T: int, budget: Budget, interval: int = 1) -> torch.Tensor:
     """Tokens a compressed layer holds when query q = 1..T-1 starts, (T-1,) float64: q until the
     first pruning, then B again after every pruning, growing by one per token in between."""
+    import torch
+
     q = torch.arange(1, T, dtype=torch.float64)
     B = budget.fix_kv_size
     return torch.where(q < B + interval, q, B + (q - B) % interval)
@@ -128,6 +138,8 @@ def held_tokens(expiry_at: torch.Tensor) -> torch.Tensor:
     Returns (..., T-1). This is the cache the streaming engine holds after compressing at
     step q-1, so both engines report the same memory.
     """
+    import torch
+
     T = expiry_at.shape[-1]
     flat = expiry_at.reshape(-1, T)
     gone = torch.zeros(flat.shape[0], T + 1, dtype=torch.long, device=flat.device)

@@ -9,7 +9,8 @@ line. Runs with one baseline_key are compared with each other, so once a job has
 code (reused or new), every FINISHED run with its baseline_key (in any experiment) that other code
 computed is tagged `superseded_by` it, and runs of today's code lose that tag: the export shows
 runs of one code version per baseline. The task (`knormpress.tasks`) decides the samples, records
-and metrics; the runner adds kv_{tokens,bytes}_{peak,mean} (mean over samples), memory_saving_pct,
+and metrics; the runner adds kv_{tokens,bytes}_{peak,mean} (mean over samples), memory_saving_pct
+(bytes at the peak or, for prefill, in the cache the answer is decoded from, against the baseline's),
 wall_s (time in the engines) and tokens_per_s. Also logged: the task's curves (metric histories),
 its samples as the run's dataset input, the one-line result as the run's description. Artifacts:
 config.yaml, records.parquet, per_text.csv. The console gets one log line per run and, when
@@ -43,11 +44,12 @@ from knormpress.config import RunConfig, as_baseline, baseline_key, config_hash,
 from knormpress.fingerprint import Fingerprint
 from knormpress.sources.models import ModelBundle, load_model
 from knormpress.tasks import Task
-from knormpress.sweeps import sweep_dir, sweep_parent
+from knormpress.sweeps import note_reused, sweep_dir, sweep_parent
 from knormpress.tracking import TAGS, Tracker, resolve_uri, show_progress, tags
 
 log = logging.getLogger("knormpress")
 RECORDS, PER_TEXT = "records.parquet", "per_text.csv"
+HELD = {"peak": "at peak", "answer": "at the answer"}  # which cache memory_saving_pct compares (`_held_at`)
 
 
 @dataclass
@@ -99,9 +101,12 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
     code = fingerprint.current() if tracker else None
     if tracker:  # runs (sweep parents too) that a killed process on this host left RUNNING end FAILED now
         tracker.reap({}, everywhere=True)
+        tracker.show_columns(table_columns(task))
     key = baseline_key(plain)
     if tracker and not rc.force and (done := _done(tracker, code, compression, plain)):
         tracker.supersede({"baseline_key": key}, done.info.run_id, code.digest, everywhere=True)
+        if job.sweep:
+            note_reused(job.sweep, done.info.run_id)
         log.info("skip %s: run %s already FINISHED with this config and code (force=true reruns it)", _name(compression),
                  done.info.run_id)
         return None
@@ -125,6 +130,8 @@ def run_job(cfg: DictConfig, job: Job) -> dict[str, float] | None:
             if baseline is None:
                 baseline = _measure(ctx, as_baseline(plain), None, None, job.out_dir / ("" if compression is None else "baseline"))
             elif compression is not None:
+                if job.sweep:
+                    note_reused(job.sweep, baseline.run_id)
                 bar.total = len(samples)
                 bar.refresh()
         if compression is None:
@@ -176,7 +183,7 @@ def _measure(ctx: Context, plain: dict[str, Any], compression: Compression | Non
     labels = ctx.labels | tags(role="baseline" if compression is None else "compressed", strategy=strategy,
                                config_hash=config_hash(plain))
     ctx.bar.set_description(name)
-    with ctx.tracker.run(name, labels) if ctx.tracker else nullcontext() as run_id:
+    with ctx.tracker.run(run_name(ctx.bundle.name, ctx.task.name, name), labels) if ctx.tracker else nullcontext() as run_id:
         if ctx.tracker and (info := ctx.task.dataset_info(ctx.samples, rc.build_dataset())):
             ctx.tracker.log_dataset(run_id, info, ctx.samples_hash)
         outcomes = []
@@ -185,9 +192,10 @@ def _measure(ctx: Context, plain: dict[str, Any], compression: Compression | Non
             ctx.bar.update()
         records = pd.concat([o.records for o in outcomes], ignore_index=True)
         metrics = ctx.task.metrics(records, None if baseline is None else baseline.records, rc.eval.n_boot, rc.eval.seed)
-        metrics |= _resources(outcomes, ctx.samples, baseline)
+        held = _held_at(compression, outcomes[0].memory)
+        metrics |= _resources(outcomes, ctx.samples, baseline, held)
         files = _write_artifacts(out, plain, records, ctx.task.per_sample(records))
-        result = _result_line(name, ctx.task, metrics, ctx.samples)
+        result = _result_line(name, ctx.task, metrics, ctx.samples, held)
         if ctx.tracker:
             more = tags(engine=outcomes[0].engine, samples_hash=ctx.samples_hash, device=ctx.bundle.model.device,
                         model=ctx.bundle.name, description=result)
@@ -199,19 +207,27 @@ def _measure(ctx: Context, plain: dict[str, Any], compression: Compression | Non
     return Measured(records, metrics, run_id)
 
 
-def _result_line(name: str, task: Task, metrics: dict[str, float], samples: list) -> str:
+def _result_line(name: str, task: Task, metrics: dict[str, float], samples: list, held: str) -> str:
     """The run's one-line result: the console's log line and the MLflow run description."""
-    return (f"{name}: {task.headline(metrics)}, kv {metrics['kv_tokens_peak']:.0f} tokens "
+    return (f"{name}: {task.headline(metrics)}, kv {metrics[f'kv_tokens_{held}']:.0f} tokens {HELD[held]} "
             f"({metrics['memory_saving_pct']:.0f}% less memory), {len(samples)} samples in {metrics['wall_s']:.1f} s")
 
 
-def _resources(outcomes: list, samples: list, baseline: Measured | None) -> dict[str, float]:
-    """Memory held (mean over samples of each sample's peak and mean), engine time and throughput."""
+def _held_at(compression: Compression | None, memory: dict[str, float]) -> str:
+    """Which cache a run's memory is judged by: a prefill run reads its prompt whole (its peak is the
+    baseline's), so the cache its answer is decoded from; otherwise the peak."""
+    return "answer" if compression is not None and compression.when == "prefill" and "kv_bytes_answer" in memory else "peak"
+
+
+def _resources(outcomes: list, samples: list, baseline: Measured | None, held: str) -> dict[str, float]:
+    """Memory held (mean over samples of each sample's peak, mean and, for prompts, at the answer),
+    engine time, throughput, and memory_saving_pct: the bytes `held` (peak or answer) against the baseline's."""
     m = {k: float(np.mean([o.memory[k] for o in outcomes])) for k in outcomes[0].memory}
     m["wall_s"] = sum(o.wall_s for o in outcomes)
     predicted = sum(len(s.input_ids) - 1 for s in samples)
     m["tokens_per_s"] = predicted / m["wall_s"] if m["wall_s"] > 0 else float("nan")
-    m["memory_saving_pct"] = 100 * (1 - m["kv_bytes_peak"] / baseline.metrics["kv_bytes_peak"]) if baseline else 0.0
+    key = f"kv_bytes_{held}"
+    m["memory_saving_pct"] = 100 * (1 - m[key] / baseline.metrics[key]) if baseline else 0.0
     return m
 
 
@@ -254,3 +270,16 @@ def _library_bars(show: bool) -> Iterator[None]:
 
 def _name(compression: Compression | None) -> str:
     return "baseline" if compression is None else compression.label
+
+
+def table_columns(task: Task) -> list[str]:
+    """The metrics the MLflow runs table shows for a task: its key metrics, their changes against the
+    baseline (no intervals) and the memory saved."""
+    changes = [c for c in task.columns if c.startswith("delta_") and not c.endswith(("_lo", "_hi"))]
+    return [*task.key_metrics, *changes, "memory_saving_pct"]
+
+
+def run_name(model: str, task: str, label: str) -> str:
+    """The MLflow run name: model, task, then the compression's label (strategy and budget), so runs
+    of several models and tasks in one experiment read apart (`SmolLM2-135M-Instruct lm keep_low kv=512 r=0.5`)."""
+    return f"{model} {task} {label}"

@@ -75,12 +75,12 @@ def _kind(annotation: Any) -> tuple[type, bool]:
 
 
 def name_parts(spec: Any) -> list[str]:
-    """What a spec instance adds to a run's name: each `named` setting that differs from its default
-    (or is `always` named), formatted, in field order."""
+    """What a spec instance adds to a run's name: each `named` setting that is set (not None) and
+    differs from its default (or is `always` named), formatted, in field order."""
     parts = []
     for s in settings_of(type(spec)):
         value = getattr(spec, s.name)
-        if s.named and (s.always or value != s.default):
+        if s.named and value is not None and (s.always or value != s.default):
             parts.append(s.named.format(value))
     return parts
 

@@ -42,7 +42,8 @@ class Compression:
     "prefill" reads a prompt whole, prunes once, then decodes under the budget (retrieval tasks)."""
 
     strategy: Strategy | str | Mapping[str, Any] = "keep_low"
-    fix_kv_size: int | None = setting(512, "tokens kept per compressed layer and KV head (or null, and give ratio)")
+    fix_kv_size: int | None = setting(512, "tokens kept per compressed layer and KV head (or null, and give ratio)",
+                                      named="kv={}", always=True)
     keep_ratio: float = setting(0.5, "share of fix_kv_size reserved for the most recent tokens", named="r={:g}",
                                 always=True)
     skip_layers: Sequence[int] = setting((0, 1), "layers never compressed")
@@ -111,7 +112,7 @@ class Compression:
 
     @property
     def label(self) -> str:
-        """The run's name: the strategy's label, then the named settings (e.g. `h2o r=0.5 ratio=0.9 prefill`)."""
+        """The run's name: the strategy's label, then the named settings (e.g. `h2o kv=512 r=0.5`, `h2o r=0.5 ratio=0.9 prefill`)."""
         return " ".join([self.strategy.label, *name_parts(self)])
 
     def resolved(self, n_tokens: int) -> Compression:

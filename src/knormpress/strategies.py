@@ -13,13 +13,15 @@ the paper's formula, where this implementation differs on purpose, and which set
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from knormpress.errors import choose
 from knormpress.registry import Registry, settings
+
+if TYPE_CHECKING:  # torch is imported where a score is computed, so configs validate without it
+    import torch
 
 REGISTRY: Registry[Strategy] = Registry("strategy")
 STRATEGIES = REGISTRY.classes  # name -> class
@@ -52,6 +54,8 @@ class CacheView:
     def norms(self) -> torch.Tensor:
         """(batch, kv_heads, n) float32 L2 norms of the keys: the engine's copy when it keeps one (the
         replay's keys-only loop, whose cached keys never change), else computed now."""
+        import torch
+
         return self.key_norms if self.key_norms is not None else torch.linalg.vector_norm(self.keys.float(), dim=-1)
 
 
@@ -161,6 +165,8 @@ class KeyDiff(Strategy):
         choose("keydiff anchor", self.anchor, ("normalised", "raw"))
 
     def score(self, view):
+        import torch
+
         keys, norms = view.keys.float(), view.norms()
         if self.anchor == "raw":  # the cosine up to the positive factor 1 / |sum of keys| per head
             return -torch.linalg.vecdot(keys, keys.sum(dim=-2, keepdim=True)) / norms
@@ -191,6 +197,8 @@ def key_norm(keys: torch.Tensor) -> torch.Tensor:
     random and differently in each engine; rounding makes such keys tie, and ties go to the
     earlier position. 10 bits (0.1%) is far finer than the spread of norms between tokens.
     """
+    import torch
+
     mantissa, exponent = torch.frexp(keys.float().norm(dim=-1))
     return torch.ldexp(torch.round(mantissa * 2**NORM_BITS) / 2**NORM_BITS, exponent)
 
@@ -256,6 +264,8 @@ class Random(Strategy):
     seed: int = 0
 
     def score(self, view):
+        import torch
+
         b, h, _ = view.positions.shape
         head = torch.arange(h).view(1, h, 1).expand(b, h, -1)
         return _hash_uniform(self.seed, view.layer, head, view.positions.cpu()).to(view.keys.device)
@@ -275,9 +285,13 @@ class RandomPerStep(Strategy):
     generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        import torch
+
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def score(self, view):
+        import torch
+
         return torch.rand(view.positions.shape, generator=self.generator).to(view.keys.device)
 
 
@@ -287,6 +301,8 @@ _MASK64 = (1 << 64) - 1
 def _hash_uniform(seed: int, layer: int, head: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Counter-based hash (splitmix64 finaliser) to float32 in [0, 1): no state to carry
     between steps, so streaming and masked engines draw the same number for a token."""
+    import torch
+
     with np.errstate(over="ignore"):
         x = positions.numpy().astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         x ^= head.numpy().astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)

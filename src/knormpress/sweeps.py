@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from knormpress.tracking import HISTORY_PREFIX, TAGS, Tracker, retry, show_progress, tags
 
 log = logging.getLogger("knormpress.sweeps")
+REUSED_FILE = "mlflow_reused.txt"  # runs this multirun's jobs reused, one id a line (`note_reused`)
 PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes find their parent run
 COMPARISON = "comparison.png"  # the sweep parent's figure of its children
 
@@ -114,6 +115,20 @@ def sweep_parent(sweep: Path, tracker: Tracker) -> str | None:
     return spec["run_id"]
 
 
+def note_reused(sweep: Path, run_id: str) -> None:
+    """Record a FINISHED run a job of this multirun reused instead of running (skipped as already
+    done, or a baseline measured before), so the parent's description and figure still show it."""
+    file = sweep / REUSED_FILE
+    with FileLock(str(file.with_name(f".{file.name}.lock"))):
+        with file.open("a") as out:
+            out.write(run_id + "\n")
+
+
+def _reused(sweep: Path) -> list[str]:
+    file = sweep / REUSED_FILE
+    return list(dict.fromkeys(file.read_text().split())) if file.exists() else []
+
+
 def end_sweep(status: str) -> None:
     """Close the multirun's parent run, if a job created one: describe and draw its children, then
     end it; the CLI calls it with FAILED when a job or the sweep failed."""
@@ -125,7 +140,7 @@ def end_sweep(status: str) -> None:
         return
     tracker = Tracker(spec["uri"], spec["experiment"])
     try:
-        _summarize_children(tracker, spec["run_id"], spec["name"], figure)
+        _summarize_children(tracker, spec["run_id"], spec["name"], figure, _reused(file.parent))
     except Exception:  # a figure must never leave the parent RUNNING
         log.warning("could not summarize the children of sweep run %s", spec["run_id"], exc_info=True)
     finally:
@@ -134,23 +149,24 @@ def end_sweep(status: str) -> None:
 
 
 def browse_hint(tracker: Tracker) -> str:
-    """How to open an experiment's runs table in the MLflow UI (the workflowType query opens recent
-    UIs in their "Model training" mode, whatever the sidebar switch was last set to)."""
-    page = f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+    """How to open an experiment's runs table in the MLflow UI (`Tracker.browse_url`)."""
     if tracker.uri.startswith(("http://", "https://")):
-        return f"{tracker.uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {tracker.uri.partition('?')[0]}, then http://127.0.0.1:5000/{page}"
+        return tracker.browse_url()
+    return f"mlflow ui --backend-store-uri {tracker.uri.partition('?')[0]}, then {tracker.browse_url()}"
 
 
-def _summarize_children(tracker: Tracker, run_id: str, name: str, figure: str | None) -> None:
-    """The parent's description (one line per child) and comparison figure (`figure`, the dotted
-    name of a function from the children's table and a title to a matplotlib Figure or None)."""
+def _summarize_children(tracker: Tracker, run_id: str, name: str, figure: str | None, reused: list[str] = ()) -> None:
+    """The parent's description (one line per child, then per `reused` run) and comparison figure
+    (`figure`, the dotted name of a function from the runs' table and a title to a matplotlib Figure
+    or None)."""
     import pandas as pd
 
     children = sorted(tracker.search({"parent": run_id}, status=None), key=lambda r: r.info.start_time)
+    own = {r.info.run_id for r in children}
+    children += [retry(tracker.client.get_run, i) for i in reused if i not in own]
     done = [r for r in children if r.info.status == "FINISHED"]
     lines = [f"- {r.data.tags.get(TAGS['description'], r.info.run_name)}" + ("" if r.info.status == "FINISHED" else f" ({r.info.status})")
-             for r in children]
+             + ("" if r.info.run_id in own else " (reused)") for r in children]
     note = f"{len(done)} of {len(children)} runs finished.\n\n" + "\n".join(lines)
     retry(tracker.client.set_tag, run_id, TAGS["description"], note)
     if figure is None or not done:

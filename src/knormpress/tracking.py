@@ -29,13 +29,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
-
-from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from knormpress.errors import ConfigError
+
+if TYPE_CHECKING:  # mlflow is imported when a Tracker is made: the schema and the sweep callback load without it
+    from mlflow.entities import Run
 
 log = logging.getLogger("knormpress.tracking")
 HISTORY_PREFIX = "curve/"  # metric histories (a task's curves) are logged as curve/<name>
@@ -49,10 +48,15 @@ TAGS = {  # field -> MLflow tag: everything a run is labelled with, and how look
     "git_commit": "git.commit", "git_dirty": "git.dirty", "parent": "mlflow.parentRunId",
     "description": "mlflow.note.content", "dataset_context": "mlflow.data.context",
 }
-# MLflow 3's experiment type: classic ML, so its UI opens the experiment on the runs table, not on
-# the GenAI traces overview (recent UIs, 3.17 here, follow the sidebar's GenAI / Model training
-# switch first: see the README).
+# MLflow 3's experiment type: classic ML. MLflow 3.17's UI no longer reads it to choose a page: it
+# follows the sidebar's GenAI / Model training switch (the URL's `workflowType`, else the browser's
+# localStorage `mlflow.workflowType`, default genai), so `browse_url` names the mode in the link.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# The runs table's columns: the UI shows Source, Models and Dataset unless a view says otherwise. A
+# view is an experiment tag `mlflow.sharedViewState.<key>` (JSON of the table's state), opened by the
+# URL's `viewStateShareKey=<key>`, as the UI's own Share button writes it.
+VIEW_KEY = "knormpress"
+VIEW_TAG = "mlflow.sharedViewState." + VIEW_KEY
 
 
 def tags(**fields: Any) -> dict[str, str]:
@@ -119,12 +123,16 @@ class Tracker:
         for name in ("alembic", "mlflow"):  # schema migrations on a fresh database are not news
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file per job
+        from mlflow import MlflowClient
+
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment = experiment
         self.experiment_id = retry(self._experiment_id, experiment)
 
     def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         kind, value = EXPERIMENT_KIND
         found = self.client.get_experiment_by_name(name)
         if found is None:
@@ -141,6 +149,23 @@ class Tracker:
         if kind not in found.tags:  # made by an older version: mark it, but leave a kind someone chose alone
             self.client.set_experiment_tag(found.experiment_id, kind, value)
         return found.experiment_id
+
+    def show_columns(self, metrics: list[str]) -> None:
+        """Add `metrics` to the columns of the experiment's runs-table view (`VIEW_TAG`), after those
+        it shows already (one experiment may hold several tasks' runs)."""
+        found = retry(self.client.get_experiment, self.experiment_id).tags.get(VIEW_TAG)
+        state = json.loads(found) if found else {"selectedColumns": []}
+        columns = state.get("selectedColumns", [])
+        state["selectedColumns"] = columns + [c for c in (f"metrics.`{m}`" for m in metrics) if c not in columns]
+        if found is None or state["selectedColumns"] != columns:
+            retry(self.client.set_experiment_tag, self.experiment_id, VIEW_TAG, json.dumps(state))
+
+    def browse_url(self, base: str = "http://127.0.0.1:5000") -> str:
+        """The MLflow UI's page of this experiment's runs table, in Model training mode, with the view
+        `show_columns` keeps (`base`: where `mlflow ui` serves; a tracking server serves itself)."""
+        if self.uri.startswith(("http://", "https://")):
+            base = self.uri
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
     def _artifact_root(self) -> str | None:
         """Artifacts next to a sqlite file (mlartifacts/), not wherever the process happens to run."""
@@ -194,6 +219,8 @@ class Tracker:
             retry(self.client.set_terminated, run_id, status)
 
     def log(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], labels: dict[str, str], files: list[Path]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
         now = int(time.time() * 1000)
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -206,6 +233,8 @@ class Tracker:
 
     def log_histories(self, run_id: str, histories: dict[str, list[tuple[int, float]]]) -> None:
         """Each curve as the metric history `HISTORY_PREFIX + name`, one point per step."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         points = [Metric(HISTORY_PREFIX + name, float(v), now, int(step))
                   for name, curve in histories.items() for step, v in curve if math.isfinite(float(v))]
@@ -214,6 +243,8 @@ class Tracker:
 
     def log_dataset(self, run_id: str, info: Any, digest: str) -> None:
         """The samples a run read (a `tasks.DatasetInfo`) as its evaluation dataset input."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
         dataset = Dataset(info.name, digest, info.source_type, json.dumps(info.source), profile=json.dumps(info.profile))
         retry(self.client.log_inputs, run_id, [DatasetInput(dataset, [InputTag(TAGS["dataset_context"], "eval")])])
 

@@ -53,68 +53,71 @@ def _at_ratio(exp: pd.DataFrame, ratio: float, color: Palette) -> pd.DataFrame:
                                                                 for s in strategies])
 
 
+CHANGES = {  # panel metric -> axis label: the change against the uncompressed baseline, with its paired interval
+    "delta_ppl_pct": "Δ perplexity, % (lower better)",
+    "delta_accuracy_pct": "Δ next-token accuracy, % (higher better)",
+}
+PAIRED_LABEL = "95% paired bootstrap CI over texts"
+
+
 def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
-    """PPL and accuracy per strategy at one keep_ratio, baseline included."""
+    """Each strategy's change in PPL and accuracy against the baseline at one keep_ratio, with the
+    paired interval (resampling the same texts for both runs): differences the per-run intervals
+    over texts hide show here."""
     claims = claims or load_claims()
     config, color = claims["figures"]["strategy_comparison"], palette(runs, claims)
     name, ratio = config["experiment"], config["keep_ratio"]
     fig, panels, tables = _experiment_rows(runs, name, lambda own: _at_ratio(own, ratio, color), 4.6)
     if not panels:
         return no_data(fig, f"no runs with {'/'.join(METRICS)} in experiment '{name}'")
-    for model, exp, _, axes in panels:
-        rows, base = tables[model], pick(exp, role="baseline")
-        names = [BASELINE if r == "baseline" else s for r, s in zip(rows.role, rows.strategy)]
+    for model, exp, holder, axes in panels:
+        rows = tables[model]
+        rows = rows[rows.role != "baseline"]
         x = np.arange(len(rows))
-        for ax, (metric, (scale, label)) in zip(axes, METRICS.items()):
-            values, bars = scale * rows[metric].to_numpy(float), err(rows, metric, scale)
-            for i, strategy in enumerate(names):
-                ax.errorbar(x[i], values[i], yerr=bars[:, i:i + 1], fmt="o", ms=8, capsize=5, color=color(strategy))
-                ax.annotate(f"{values[i]:.2f}", (x[i], values[i]), xytext=(9, 0), textcoords="offset points",
-                            va="center", fontsize=8, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
-            if base is not None:
-                ax.axhline(scale * base[metric], ls="--", lw=1, color=color(BASELINE))
-            ax.set_xticks(x, names, rotation=15)
-            ax.set_xlim(-0.5, len(x) - 0.3)
+        for ax, (metric, label) in zip(axes, CHANGES.items()):
+            values, bars = rows[metric].to_numpy(float), err(rows, metric)
+            for i, strategy in enumerate(rows.strategy):
+                ax.errorbar(x[i], values[i], yerr=bars[:, i:i + 1], fmt="o", ms=7, capsize=4, color=color(strategy))
+            ax.axhline(0, ls="--", lw=1, color=color(BASELINE))
+            ax.set_xticks(x, rows.strategy, rotation=90, fontsize=9)
+            ax.set_xlim(-0.6, len(x) - 0.4)
             ax.set_xlabel(f"strategy (keep_ratio {ratio:g})")
             ax.set_ylabel(label)
             ax.grid(axis="y", alpha=0.3)
-        axes[0].legend(handles=[Line2D([], [], color="0.2", marker="o", label=f"run (bars: {CI_LABEL})"),
-                                Line2D([], [], color=color(BASELINE), ls="--", label="baseline (no compression)")],
-                       loc="upper left", fontsize=8)
-    titles(fig, panels, f"Strategies at keep_ratio {ratio:g}", describe)
+        holder.legend(handles=[Line2D([], [], color="0.2", marker="o", label=f"change vs baseline (bars: {PAIRED_LABEL})"),
+                               Line2D([], [], color=color(BASELINE), ls="--", label="baseline (no compression): 0")],
+                      loc="outside lower center", ncols=2, fontsize=8)
+    titles(fig, panels, f"Strategies at keep_ratio {ratio:g}, against the baseline", describe)
     return fig
 
 
 def keep_ratio_analysis(runs: pd.DataFrame, texts: pd.DataFrame | None = None, claims: dict | None = None) -> Figure:
-    """PPL and accuracy against keep_ratio for every strategy of one experiment, baseline as a band."""
+    """Each strategy's change in PPL and accuracy against the baseline, with its paired interval, as
+    keep_ratio varies; the baseline is the zero line."""
     claims = claims or load_claims()
     name, color = claims["figures"]["keep_ratio_analysis"]["experiment"], palette(runs, claims)
     fig, panels, grids = _experiment_rows(runs, name, lambda own: rows_where(own).dropna(subset=["keep_ratio"]), 5.2)
     if not panels:
         return no_data(fig, f"no compressed runs with {'/'.join(METRICS)} in experiment '{name}'")
-    for model, exp, holder, axes in panels:
-        grid, base = grids[model], pick(exp, role="baseline")
+    for model, _, holder, axes in panels:
+        grid = grids[model]
         ratios = sorted(grid.keep_ratio.unique())
         strategies = color.ordered(grid.strategy.dropna())
         offsets = 0.008 * (np.arange(len(strategies)) - (len(strategies) - 1) / 2)  # side by side, bars apart
-        for ax, (metric, (scale, label)) in zip(axes, METRICS.items()):
+        for ax, (metric, label) in zip(axes, CHANGES.items()):
             for offset, strategy in zip(offsets, strategies):
                 rows = grid[grid.strategy == strategy].sort_values("keep_ratio")
-                ax.errorbar(rows.keep_ratio + offset, scale * rows[metric], yerr=err(rows, metric, scale),
+                ax.errorbar(rows.keep_ratio + offset, rows[metric], yerr=err(rows, metric),
                             marker="o", capsize=4, color=color(strategy), label=strategy)
-            if base is not None:
-                ax.axhline(scale * base[metric], ls="--", lw=1, color=color(BASELINE),
-                           label="baseline (no compression)")
-                ax.axhspan(scale * base[f"{metric}_lo"], scale * base[f"{metric}_hi"], color=color(BASELINE),
-                           alpha=0.12, lw=0, label="baseline 95% CI")
+            ax.axhline(0, ls="--", lw=1, color=color(BASELINE), label="baseline (no compression): 0")
             ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
             ax.set_xlabel("keep_ratio (share of fix_kv_size kept for the most recent tokens)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
         holder.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8,
-                      title=f"error bars: {CI_LABEL}", title_fontsize=8)
-    titles(fig, panels, "Effect of keep_ratio", describe)
+                      title=f"change vs baseline, error bars: {PAIRED_LABEL}", title_fontsize=8)
+    titles(fig, panels, "Effect of keep_ratio, against the baseline", describe)
     return fig
 
 
@@ -198,7 +201,9 @@ def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | 
         _improvement_row(axes, [i for i in items if i["model"] == model])
     panels[-1].holder.legend(handles=[
         Line2D([], [], color="tab:blue", marker="o", label=f"measured (paired {CI_LABEL})"),
-        Patch(color="gold", alpha=0.4, label="seed's claimed range")], loc="outside lower center", ncols=2, fontsize=8)
+        Patch(color="gold", alpha=0.4, label="seed's claimed range"),
+        Line2D([], [], ls="none", label="reference run: the second of each row's 'X vs Y'")],
+        loc="outside lower center", ncols=3, fontsize=8)
     title = claims["figures"].get("improvement_summary", {}).get("title", "The seed's improvements")
     titles(fig, panels, title, describe, sep="\n")
     return fig
@@ -207,7 +212,7 @@ def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | 
 def _improvement_row(axes: np.ndarray, items: list[dict]) -> None:
     names = list(dict.fromkeys(i["improvement"] for i in items))
     labels = {i["improvement"]: i["label"] for i in items}
-    for ax, (metric, (_, label)) in zip(axes, METRICS.items()):
+    for k, (ax, (metric, (_, label))) in enumerate(zip(axes, METRICS.items())):
         span = [0.0]
         for y, name in enumerate(names):
             item = next((i for i in items if i["improvement"] == name and i["metric"] == metric), None)
@@ -219,17 +224,17 @@ def _improvement_row(axes: np.ndarray, items: list[dict]) -> None:
             if e is not None:
                 lo, hi = (e.est, e.est) if np.isnan(e.lo) else (e.lo, e.hi)
                 ax.errorbar(e.est, y, xerr=[[e.est - lo], [hi - e.est]], fmt="o", ms=8, capsize=5, color="tab:blue")
-                note = item["verdict"] + (": identical per-text NLLs" if e.identical else f": {e}")
+                note = item["verdict"] + (":\nidentical per-text NLLs" if e.identical else f":\n{e}")
                 span += [lo, hi]
             span += list(claimed)
-            ax.text(0.02, y + 0.3, note, transform=ax.get_yaxis_transform(), fontsize=8, va="bottom")
+            ax.text(0.02, y + 0.27, note, transform=ax.get_yaxis_transform(), fontsize=8, va="bottom")
         span = [s for s in span if np.isfinite(s)]
         pad = 0.15 * (max(span) - min(span)) or 1.0
         ax.set_xlim(min(span) - pad, max(span) + pad)
         ax.axvline(0, color="0.4", lw=0.8)
-        ax.set_yticks(range(len(names)), [f"{n}\n({labels[n]})" for n in names])
+        ax.set_yticks(range(len(names)), [f"{n}\n({labels[n]})" for n in names] if k == 0 else [])  # rows named once, at the left
         ax.set_ylim(-0.5, len(names) - 0.2)
-        ax.set_xlabel(f"change in {metric.replace('ppl', 'perplexity')}, % of the reference run")
+        ax.set_xlabel(f"change in {metric.replace('ppl', 'perplexity')}, % of the reference run's")
         ax.set_title(label, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
 

@@ -26,7 +26,7 @@ def passkey_accuracy(runs: pd.DataFrame, texts: pd.DataFrame | None = None, clai
     models = per_model(runs, runs[runs.experiment == name])
     grids = {m: rows_where(own).dropna(subset=["ratio", "accuracy"]) for m, own in models.items()}
     drawn = {m: own for m, own in models.items() if not grids[m].empty}
-    fig, panels = model_rows(drawn, 8, 5.2, ncols=1)
+    fig, panels = model_rows(drawn, 10, 5.2, ncols=1)
     if not drawn:
         return no_data(fig, f"no compressed runs with a compress.ratio in experiment '{name}'")
     for model, exp, _, (ax,) in panels:
@@ -52,7 +52,7 @@ def _passkey_panel(ax, grid: pd.DataFrame, base: pd.Series | None, color) -> Non
     ax.set_ylabel("passkey accuracy, % (higher is better)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left", ncols=2, title=f"error bars: {WILSON}", title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title=f"error bars:\n{WILSON}", title_fontsize=8)  # off the data
 
 
 def needle_heatmap(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> Figure:

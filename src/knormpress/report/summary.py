@@ -58,7 +58,8 @@ def describe(runs: pd.DataFrame) -> str:
         return "?" if value is None or pd.isna(value) else f"{int(value):,}"
 
     read = ", ".join(f"{count(m)} {words}" for m, words in task_class(ref.get("task")).sizes.items())
-    return f"{values('model')} on {values('dataset')}, {read} per run"
+    data = task_class(ref.get("task")).reads or values("dataset")
+    return f"{values('model')} on {data}, {read} per run"
 
 
 def _by_experiment(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -61,6 +61,9 @@ class Dataset:
         Configuration errors are raised here, before the first document."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Refuse what can be refused before the model loads (a path that names nothing); default: nothing."""
+
     def source(self) -> tuple[str, str, dict[str, Any]]:
         """Name, MLflow source type ("http", "hugging_face", "local", ...) and source fields of the
         run's dataset input; default: a local source named after the dataset."""
@@ -180,6 +183,9 @@ class LocalText(Dataset):
         if not self.path:
             raise ConfigError("dataset local_text needs dataset.path (a folder of .txt files, a glob, or a "
                               ".jsonl/.parquet file), got null")
+
+    def check(self):
+        self.files()
 
     def files(self) -> list[Path]:
         """The files that `path` names: one .jsonl/.parquet table, a folder's *.txt, or a glob's matches."""

@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from knormpress.errors import ConfigError, choose
 from knormpress.sources.cache import cache_dir, hub_offline
+from knormpress.sources.hardware import DEVICES
+from knormpress.sources.hardware import DTYPES as DTYPE_NAMES
 from knormpress.sources.pypi_weights import converted_dir
 from knormpress.sources.support import check_supported
 from knormpress.sources.tiny import ByteTokenizer, build_random, check_overrides
@@ -26,8 +28,7 @@ from knormpress.sources.tiny import ByteTokenizer, build_random, check_overrides
 log = logging.getLogger("knormpress.sources")
 
 MODEL_CONF = Path(__file__).resolve().parents[3] / "conf" / "model"
-DTYPES: dict[str, Any] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-DEVICES = ("cpu", "cuda", "auto")
+DTYPES: dict[str, Any] = {name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
 
 # kind -> {field: (required, type)} of the model.source node
 FIELDS: dict[str, dict[str, tuple[bool, type]]] = {

@@ -62,6 +62,7 @@ class Task:
     # metric -> its words, the sample unit first (the report's "3 texts, 9,000 predicted tokens per run")
     setting: ClassVar[dict[str, Any]] = {}  # the compress settings (over the spec's defaults) of its headline numbers
     figures: ClassVar[tuple[str, ...]] = ()  # "module:function" that draw its figures, each to <function>.png
+    reads: ClassVar[str | None] = None  # what its prompts are made of when not the dataset's texts (titles say it)
 
     def check(self, compression: Any, ev: Any) -> None:
         """Refuse a compression or eval setting this task cannot run, before any model loads."""

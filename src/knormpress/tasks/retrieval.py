@@ -224,6 +224,7 @@ class Passkey(Retrieval):
 
     name = "passkey"
     figures = ("knormpress.report.retrieval_figures:passkey_accuracy",)
+    reads = "synthetic filler"
     instruction = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                    "I will quiz you about the important information there.")
     filler: ClassVar[str] = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
