@@ -72,6 +72,11 @@ def seed_like() -> list[tuple]:
         ("a-sorted", "ablations", "keep_low", 0.5, 1.04, 0.98),
         ("a-unsorted", "ablations", "keep_low", 0.5, 1.04, 0.98, {"sort_by_time": False}),
         ("a-pure", "ablations", "keep_low", 0.0, 1.08, 0.965),
+        ("m-base", "memory", None, 0.5, 1.0, 1.0, {"max_tokens": 3000}),  # the seed's memory measure
+        ("m-all", "memory", "keep_low", 0.5, 1.01, 1.0, {"max_tokens": 3000, "skip_layers": "[]",
+                                                         "memory_saving_last_pct": 82.9}),
+        ("m-skip", "memory", "keep_low", 0.5, 1.0, 1.0, {"max_tokens": 3000, "skip_layers": "[0, 1]",
+                                                         "memory_saving_last_pct": 77.4}),
     ]
 
 
@@ -116,6 +121,11 @@ def two_models() -> list[tuple]:
         ("g-low", "strategies", "keep_low", 0.5, 0.96, 0.99, delta(20.0, -10.0)),
         ("g-rand", "strategies", "random", 0.5, 0.864, 1.056, delta(8.0, -4.0)),
         ("g-recent", "strategies", "recent_only", 0.5, 0.88, 1.045, delta(10.0, -5.0)),
+        ("g-mem-base", "memory", None, 0.5, 0.8, 1.1, gemma | {"max_tokens": 3000}),  # sliding layers hold 512 anyway
+        ("g-mem-all", "memory", "keep_low", 0.5, 0.8, 1.1, gemma | {"max_tokens": 3000, "skip_layers": "[]",
+                                                                    "memory_saving_last_pct": 44.7}),
+        ("g-mem-skip", "memory", "keep_low", 0.5, 0.8, 1.1, gemma | {"max_tokens": 3000, "skip_layers": "[0, 1]",
+                                                                     "memory_saving_last_pct": 40.0}),
     ]
 
 

@@ -44,7 +44,7 @@ def repo(tmp_path_factory) -> Path:
     for folder in ("conf", "scripts", "src/knormpress"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "results", repo / "results", ignore=shutil.ignore_patterns("metrics.json"))
-    for name in EXPERIMENTS:  # a stage added after the committed results were built: its exports, empty
+    for name in (*EXPERIMENTS, "memory"):  # a stage added after the committed results were built: its exports, empty
         for path in (repo / "results" / f"{name}.csv", repo / "results" / "per_text" / f"{name}.csv"):
             if not path.exists():
                 path.write_text("run_id\n")
@@ -58,19 +58,18 @@ def test_the_stages_read_the_study_from_params_yaml(repo):
     from dvc.repo import Repo
 
     study = yaml.safe_load((repo / "params.yaml").read_text())["study"]
-    assert set(study) == {"models", "grid_model", "dataset", "n_samples", "max_tokens"}
+    assert set(study) == {"models", "dataset", "n_samples", "max_tokens"}
     assert study["n_samples"] >= 10 and len(study["models"].split(",")) >= 2  # the study carries intervals and two models
     stages = {s.name.removeprefix("experiment@"): s for s in Repo(str(repo)).index.stages}  # experiment@<name>
-    for name in EXPERIMENTS:
-        model = "models" if name == "strategies" else "grid_model"
-        keys = [f"study.{k}" for k in (model, "dataset", "n_samples", "max_tokens")]
+    for name in EXPERIMENTS:  # every experiment on every model of the study
+        keys = [f"study.{k}" for k in ("models", "dataset", "n_samples", "max_tokens")]
         assert [p.def_path for p in stages[name].params] == ["params.yaml"] and stages[name].params[0].params == keys
         run = shlex.split(stages[name].cmd.split("&&")[0])
         assert run[:3] == ["python", "run.py", "-m"] and f"experiment={name}" in run
-        assert f"model={study[model]}" in run and f"eval.n_samples={study['n_samples']}" in run
+        assert f"model={study['models']}" in run and f"eval.n_samples={study['n_samples']}" in run
         # the preset's own jobs: nothing but the study's keys (and force) is overridden, and it composes
         assert {a.split("=")[0] for a in run[3:]} == {"experiment", "model", "dataset", "eval.n_samples", "eval.max_tokens", "force"}
-        first = [f"model={study[model].split(',')[0]}" if a.startswith("model=") else a for a in run[3:]]
+        first = [f"model={study['models'].split(',')[0]}" if a.startswith("model=") else a for a in run[3:]]
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             validate(compose("config", overrides=first))
 
@@ -82,13 +81,26 @@ def test_the_retrieval_stages_read_their_grid_from_params_yaml(repo):
     study, grid = params["study"], params["retrieval"]
     stages = {s.name.removeprefix("experiment@"): s for s in Repo(str(repo)).index.stages}
     for name in ("passkey", "needle"):
-        keys = ["study.grid_model", "retrieval.lengths", "retrieval.depths", "retrieval.trials"]
+        keys = ["study.models", "retrieval.lengths", "retrieval.depths", "retrieval.trials"]
         assert stages[name].params[0].params == keys
         run = shlex.split(stages[name].cmd.split("&&")[0])
         assert run[:3] == ["python", "run.py", "-m"] and f"experiment={name}" in run
-        assert f"model={study['grid_model']}" in run and f"task.lengths={grid['lengths']}" in run
+        assert f"model={study['models']}" in run and f"task.lengths={grid['lengths']}" in run
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            validate(compose("config", overrides=run[3:]))
+            validate(compose("config", overrides=[a.split(",")[0] if a.startswith("model=") else a for a in run[3:]]))
+
+
+def test_the_memory_stage_reads_one_long_text_per_model_from_params_yaml(repo):
+    from dvc.repo import Repo
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    stage = {s.name: s for s in Repo(str(repo)).index.stages}["experiment@memory"]
+    assert stage.params[0].params == ["study.models", "study.dataset", "memory.n_samples", "memory.max_tokens"]
+    run = shlex.split(stage.cmd.split("&&")[0])
+    assert f"model={params['study']['models']}" in run and f"eval.max_tokens={params['memory']['max_tokens']}" in run
+    assert params["memory"]["max_tokens"] == 3000  # the seed's text length (3000 -> 512 tokens)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        validate(compose("config", overrides=[a.split(",")[0] if a.startswith("model=") else a for a in run[3:]]))
 
 
 def test_params_diff_shows_a_change_of_the_study(repo):
@@ -112,7 +124,7 @@ def test_exp_run_sets_a_study_param(repo):
     # plots stage needs them on disk
     out = sh(repo, DVC, "exp", "run", "--dry", "-S", "study.n_samples=5", *(f"experiment@{name}" for name in EXPERIMENTS))
     for name in EXPERIMENTS:
-        model = study["models"] if name == "strategies" else study["grid_model"]
+        model = study["models"]
         assert (f"experiment={name} model={model} dataset={study['dataset']} eval.n_samples=5 "
                 f"eval.max_tokens={study['max_tokens']}") in out
     assert f"n_samples: {study['n_samples']} " in (repo / "params.yaml").read_text()

@@ -99,3 +99,18 @@ def test_a_run_config_takes_a_plug_in_engine(echo):
     assert rc.eval.engine == "echo"
     with pytest.raises(ConfigError, match="unknown engine 'ech'; choose one of auto, echo, masked, replay, streaming"):
         validate({"eval": {"engine": "ech"}, "model": model})
+
+
+@pytest.mark.parametrize("engine", AUTO)
+@pytest.mark.parametrize("skip", [(), (0,), (0, 2)])
+def test_memory_at_the_end_of_a_text_is_the_budget_in_compressed_layers(engine, skip):
+    """The seed's measure: when the last of T-1 queries starts, an uncompressed layer holds T-1
+    tokens and a compressed one fix_kv_size; the mean over L layers weighs them by count."""
+    model = tiny_model("llama")
+    T, B, L = 60, 16, model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    out = evaluate(model, ids, Compression("keep_low", B, 0.5, skip), engine=engine)
+    base = evaluate(model, ids, None, engine=engine)
+    assert base.kv_tokens_last == T - 1
+    assert out.kv_tokens_last == pytest.approx((len(skip) * (T - 1) + (L - len(skip)) * B) / L)
+    assert out.kv_bytes_last / base.kv_bytes_last == pytest.approx(out.kv_tokens_last / (T - 1))

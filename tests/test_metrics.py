@@ -8,7 +8,7 @@ from knormpress import EvalResult, pooled, summarize
 
 
 def result(nll, correct):
-    return EvalResult(torch.tensor(nll), torch.tensor(correct), 1, 1, 1, 1, "streaming")
+    return EvalResult(torch.tensor(nll), torch.tensor(correct), 1, 1, 1, 1, 1, 1, "streaming")
 
 
 def test_pooled_is_exp_of_mean_nll_over_all_tokens():

@@ -31,7 +31,7 @@ def test_tidy_types_orders_and_keeps_unknown_metrics():
                          "sort_by_time", "n_sink", "skip_layers", "positions", "interval", "ratio", "when"]
     assert cols[:len(HEAD)] == HEAD  # later settings follow `when`, in Compression's field order
     assert cols[len(HEAD):len(HEAD) + 3] == ["ppl", "ppl_lo", "ppl_hi"] and cols[-13] == "model" and cols[-1] == "start_time"
-    assert cols[cols.index("wall_s") + 1:cols.index("model")] == ["bleu", "f1"]  # other metrics: sorted, after known
+    assert cols[cols.index("memory_saving_last_pct") + 1:cols.index("model")] == ["bleu", "f1"]  # other metrics: sorted, after known
     c = df.set_index("run_id").loc["c"]
     assert c.keep_ratio == 0.5 and c.sort_by_time is not pd.NA and not c.sort_by_time
     assert c.n_texts == 3 and str(df.n_texts.dtype) == "Int64" and c.f1 == 0.25 and c.bleu == 7.0

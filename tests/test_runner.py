@@ -29,7 +29,8 @@ from knormpress.tracking import Tracker, resolve_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"ppl", "accuracy", "ppl_lo", "ppl_hi", "accuracy_lo", "accuracy_hi", "n_texts", "n_tokens", "kv_tokens_peak",
-           "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "memory_saving_pct", "tokens_per_s", "wall_s"}
+           "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "memory_saving_pct", "tokens_per_s", "wall_s", "kv_tokens_last",
+           "kv_bytes_last", "memory_saving_last_pct"}
 DELTAS = {"baseline_ppl", "baseline_accuracy", "delta_ppl_pct", "delta_ppl_pct_lo", "delta_ppl_pct_hi",
           "delta_accuracy_pct", "delta_accuracy_pct_lo", "delta_accuracy_pct_hi"}
 QUIET = ["progress=false", "hydra/job_logging=none", "hydra/hydra_logging=none"]  # in-process: leave pytest's logging alone

@@ -18,7 +18,8 @@ class EvalResult:
     """Per-token outcome of reading one text, plus the KV cache it took.
 
     nll, correct: (T-1,) for predicting tokens 1..T-1. kv_tokens_*: tokens held per layer and
-    KV head (mean over layers) when a query starts; kv_bytes_*: keys + values of all layers.
+    KV head (mean over layers) when a query starts; kv_bytes_*: keys + values of all layers;
+    *_last: when the last query starts.
     """
 
     nll: torch.Tensor
@@ -27,6 +28,8 @@ class EvalResult:
     kv_tokens_mean: float
     kv_bytes_peak: float
     kv_bytes_mean: float
+    kv_tokens_last: float  # when the last query starts: the end of the text
+    kv_bytes_last: float
     engine: str
     wall_s: float = 0.0
 

@@ -228,6 +228,9 @@ def _resources(outcomes: list, samples: list, baseline: Measured | None, held: s
     m["tokens_per_s"] = predicted / m["wall_s"] if m["wall_s"] > 0 else float("nan")
     key = f"kv_bytes_{held}"
     m["memory_saving_pct"] = 100 * (1 - m[key] / baseline.metrics[key]) if baseline else 0.0
+    if "kv_bytes_last" in m and (baseline is None or "kv_bytes_last" in baseline.metrics):  # the seed's measure:
+        # the cache held at the end of each text, against the baseline's
+        m["memory_saving_last_pct"] = 100 * (1 - m["kv_bytes_last"] / baseline.metrics["kv_bytes_last"]) if baseline else 0.0
     return m
 
 

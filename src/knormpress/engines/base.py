@@ -44,9 +44,11 @@ class EngineOutput:
     wall_s: float = 0.0
 
     def memory(self) -> dict[str, float]:
-        """Peak and mean of the held cache over the sequence."""
+        """Peak and mean of the held cache over the sequence, and what it holds when the last query
+        starts (the seed's measure: tokens held at the end of a text)."""
         return {"kv_tokens_peak": self.kv_tokens.max().item(), "kv_tokens_mean": self.kv_tokens.mean().item(),
-                "kv_bytes_peak": self.kv_bytes.max().item(), "kv_bytes_mean": self.kv_bytes.mean().item()}
+                "kv_bytes_peak": self.kv_bytes.max().item(), "kv_bytes_mean": self.kv_bytes.mean().item(),
+                "kv_tokens_last": self.kv_tokens[-1].item(), "kv_bytes_last": self.kv_bytes[-1].item()}
 
 
 @dataclass

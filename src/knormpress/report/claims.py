@@ -108,7 +108,9 @@ def _value(claim: dict, runs: pd.DataFrame, texts: pd.DataFrame) -> dict:
     if run is None or pd.isna(run[metric]):
         return {"claimed": claimed, "measured": "no runs", "verdict": UNMEASURABLE}
     ok = abs(run[metric] - target) <= float(claim.get("tolerance", 0.0))
-    return {"claimed": claimed, "measured": claim.get("measured", "{:g}").format(run[metric]),
+    beside = pick(_runs_of(claim, runs), **claim["beside"]) if "beside" in claim else None  # a second figure to quote
+    also = float("nan") if beside is None else beside[metric]
+    return {"claimed": claimed, "measured": claim.get("measured", "{:g}").format(run[metric], also, **run.to_dict()),
             "verdict": HOLDS if ok else FAILS}
 
 

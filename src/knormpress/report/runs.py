@@ -37,7 +37,8 @@ TAIL = ["model", "model_source", "dataset", "engine", "max_tokens", "n_samples",
         "baseline_key", "sweep", "git_commit", "git_dirty", "start_time"]
 LEGACY_TASK = "lm"  # what runs without a task column ran: its metric columns are in every table
 RUNNER_METRICS = ["kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "memory_saving_pct",
-                  "tokens_per_s", "wall_s"]  # logged for every task
+                  "tokens_per_s", "wall_s", "kv_tokens_last", "kv_bytes_last", "memory_saving_last_pct"]  # logged by
+# the runner (the last three by tasks that read a text to its end: lm)
 OTHER_PARAMS = {  # identity column -> MLflow param(s), the first one logged wins (older runs: the later names)
     "task": ["task.name"], "model": ["model.name"], "model_source": ["model.source.kind", "model.source"],
     "dataset": ["dataset.name", "dataset.source"], "max_tokens": ["eval.max_tokens"], "n_samples": ["eval.n_samples"],

@@ -54,7 +54,7 @@ class LanguageModeling(Task):
         r = evaluate(model, sample.input_ids, compression, engine=engine, progress=progress)
         records = pd.DataFrame({"text_id": sample.id, "title": sample.title, "position": np.arange(1, r.n_tokens + 1),
                                 "nll": r.nll.float().numpy(), "correct": r.correct.bool().numpy()})
-        memory = {k: getattr(r, k) for k in ("kv_tokens_peak", "kv_tokens_mean", "kv_bytes_peak", "kv_bytes_mean")}
+        memory = {f"kv_{unit}_{at}": getattr(r, f"kv_{unit}_{at}") for unit in ("tokens", "bytes") for at in ("peak", "mean", "last")}
         return Outcome(records, memory, r.engine, r.wall_s)
 
     def metrics(self, records, baseline, n_boot, seed):
@@ -90,5 +90,5 @@ def _results(records: pd.DataFrame) -> list[EvalResult]:
 
     nan = float("nan")
     return [EvalResult(torch.tensor(rows.nll.to_numpy()), torch.tensor(rows.correct.to_numpy()),
-                       nan, nan, nan, nan, engine="records")
+                       nan, nan, nan, nan, nan, nan, engine="records")
             for _, rows in records.groupby("text_id", sort=False)]
