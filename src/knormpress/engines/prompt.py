@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -110,7 +110,8 @@ def uncompressed_pass(model: PreTrainedModel, ids: torch.Tensor) -> Pass:
         with lock(path):
             if not path.exists():
                 part = path.with_suffix(".part")
-                torch.save(asdict(_read(model, ids)), part)
+                found = _read(model, ids)
+                torch.save({"layers": found.layers, "logits": found.logits, "attention": found.attention}, part)
                 part.replace(path)
     p = torch.load(path, mmap=True, weights_only=True, map_location=model.device)
     return Pass([tuple(layer) for layer in p["layers"]], p["logits"], p["attention"])
