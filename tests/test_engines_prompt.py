@@ -7,7 +7,7 @@ import torch
 
 from knormpress import Compression
 from knormpress.engines import prompt
-from knormpress.engines.prompt import generate, stored_path, uncompressed_pass
+from knormpress.engines.prompt import generate, prompt_cache, stored_path, uncompressed_pass
 
 from conftest import VOCAB, tiny_model
 
@@ -68,3 +68,10 @@ def test_prompts_decode_in_batches_as_in_one(llama, store, monkeypatch, when):
     assert split.tokens == whole.tokens and split.engine == whole.engine
     assert torch.equal(split.kv_tokens, whole.kv_tokens) and torch.equal(split.kv_bytes, whole.kv_bytes)
     assert (split.kv_tokens_answer, split.kv_bytes_answer) == (whole.kv_tokens_answer, whole.kv_bytes_answer)
+
+
+@pytest.mark.parametrize("when", ["prefill", "streaming"])
+def test_a_prompt_keeps_only_the_logits_of_its_answer(llama, store, when):
+    """Not a view into every position's logits (T x vocab), which would stay alive with it."""
+    _, logits, _, _ = prompt_cache(llama, ids(3), Compression("keep_low", 16, 0.25, [0], when=when))
+    assert logits.shape == (VOCAB,) and logits.untyped_storage().nbytes() == VOCAB * logits.element_size()

@@ -137,7 +137,8 @@ def prompt_cache(model: PreTrainedModel, ids: torch.Tensor, compression: Compres
     if compression is not None and compression.when == "streaming":
         engine = prompt_engine(compression, engine, model)
         out = run_engine(model, torch.cat([ids, ids[-1:]]), compression, engine)  # the extra token is never read
-        return out.cache, out.logits[-1], out.kv_tokens[: T - 1], out.kv_bytes[: T - 1]
+        # a copy of the last row: a view would keep every position's logits (T x vocab) alive with it
+        return out.cache, out.logits[-1].clone(), out.kv_tokens[: T - 1], out.kv_bytes[: T - 1]
     p = uncompressed_pass(model, ids)
     cache = build_cache(model.config, ((keys, values, None) for keys, values in p.layers))
     if compression is not None:
