@@ -41,7 +41,7 @@ ATTN = "knorm_prompt"
 BLOCK = 256  # queries per block of the recorded weights: no T x T matrix is ever held
 STORE = "prompt_passes"  # the uncompressed passes, under the cache dir: <model fingerprint>/<prompt hash>.pt
 FORMAT = 1  # part of the store's key: raise it when what a pass records, or how, changes
-BATCH = 10  # prompts decoded together: the uncompressed baseline holds every one's full cache
+BATCH = 5  # prompts decoded together: the uncompressed baseline holds every one's full cache
 
 
 @dataclass
