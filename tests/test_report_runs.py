@@ -13,6 +13,7 @@ from report_data import BASE_ACCURACY, BASE_PPL, DESIGN_TAGS, N_TOKENS, V1, buil
 from knormpress.errors import ConfigError
 from knormpress.report import runs as report_runs
 from knormpress.report.runs import HEAD, IDENTITY, export, load_all, load_runs, load_texts, read_results, tidy
+from knormpress.report.timings import read_timings
 
 
 def test_tidy_types_orders_and_keeps_unknown_metrics():
@@ -81,8 +82,9 @@ def test_export_keeps_newest_finished_runs_with_their_per_text_rows(store, tmp_p
     monkeypatch.setattr(MlflowClient, "download_artifacts",
                         lambda self, run_id, path, dst=None: downloaded.append(path) or original(self, run_id, path, dst))
     paths = export("strategies", tmp_path, store)
-    assert paths == [tmp_path / "strategies.csv", tmp_path / "per_text" / "strategies.csv"]
+    assert paths == [tmp_path / "strategies.csv", tmp_path / "per_text" / "strategies.csv", tmp_path / "timings" / "strategies.json"]
     runs, texts = pd.read_csv(paths[0]), pd.read_csv(paths[1])
+    assert read_timings(tmp_path)[0]["runs"] >= 1
     assert sorted(runs.strategy) == ["keep_low", "none", "random", "recent_only"]  # no stale, FAILED or parent run
     low = runs.set_index("strategy").loc["keep_low"]
     assert low.ppl == pytest.approx(1.05 * BASE_PPL) and low.ppl_hi == pytest.approx(1.155 * BASE_PPL)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import resource
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -208,9 +209,12 @@ def _measure(ctx: Context, plain: dict[str, Any], compression: Compression | Non
 
 
 def _result_line(name: str, task: Task, metrics: dict[str, float], samples: list, held: str) -> str:
-    """The run's one-line result: the console's log line and the MLflow run description."""
+    """The run's one-line result: the console's log line and the MLflow run description, with the
+    process's peak resident memory so far (a multirun's jobs share one process)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return (f"{name}: {task.headline(metrics)}, kv {metrics[f'kv_tokens_{held}']:.0f} tokens {HELD[held]} "
-            f"({metrics['memory_saving_pct']:.0f}% less memory), {len(samples)} samples in {metrics['wall_s']:.1f} s")
+            f"({metrics['memory_saving_pct']:.0f}% less memory), {len(samples)} samples in {metrics['wall_s']:.1f} s, "
+            f"peak RSS {peak:.2f} GiB")
 
 
 def _held_at(compression: Compression | None, memory: dict[str, float]) -> str:

@@ -29,6 +29,7 @@ import pandas as pd
 from knormpress.errors import ConfigError
 from knormpress.settings import settings_of
 from knormpress.spec import Compression
+from knormpress.report.timings import sweep_timing, write_timing
 from knormpress.tasks import TASKS, Task
 
 FIRST = ["strategy", "keep_ratio", "fix_kv_size", "sort_by_time", "n_sink", "skip_layers"]  # the first exports'
@@ -254,7 +255,8 @@ def load_texts(runs: pd.DataFrame, uri: str | None = None) -> pd.DataFrame:
 
 
 def export(experiment: str, out_dir: str | Path = "results", uri: str | None = None) -> list[Path]:
-    """Write <out>/<experiment>.csv (runs) and <out>/per_text/<experiment>.csv (per-text rows)."""
+    """Write <out>/<experiment>.csv (runs), <out>/per_text/<experiment>.csv (per-text rows) and
+    <out>/timings/<experiment>.json (the newest sweep's wall time, `knormpress.report.timings`)."""
     runs = load_runs(experiment, uri)
     texts = load_texts(runs, uri)
     out = Path(out_dir)
@@ -262,7 +264,8 @@ def export(experiment: str, out_dir: str | Path = "results", uri: str | None = N
     paths = [out / f"{experiment}.csv", out / "per_text" / f"{experiment}.csv"]
     runs.to_csv(paths[0], index=False)
     texts.to_csv(paths[1], index=False)
-    return paths
+    timing = sweep_timing(_client(tracking_uri(uri)), experiment, _tags())
+    return paths + ([write_timing(timing, out)] if timing else [])
 
 
 # ---- exported CSVs --------------------------------------------------------------------------------

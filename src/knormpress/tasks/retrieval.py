@@ -173,8 +173,9 @@ class Retrieval(Task):
 
     def headline(self, m):
         change = f", {m['delta_accuracy_pct']:+.1f}% vs baseline" if np.isfinite(m.get("delta_accuracy_pct", np.nan)) else ""
+        pace = f", {m['wall_s'] / m['n_trials']:.2f} s per prompt" if "wall_s" in m else ""
         return (f"accuracy {100 * m['accuracy']:.1f}% [{100 * m['accuracy_lo']:.1f}, {100 * m['accuracy_hi']:.1f}] "
-                f"of {m['n_trials']:.0f} trials{change}")
+                f"of {m['n_trials']:.0f} trials{change}{pace}")
 
     def histories(self, records):
         curves: dict[str, list[tuple[int, float]]] = {}
