@@ -60,6 +60,7 @@ def test_the_first_run_keeps_the_result_lines_and_compares_them_without_timings(
     assert lines == ["baseline: ppl 38.686, accuracy 35.99%, 3 samples in 159.8 s",
                      "keep_low r=0.5: ppl 42.609 (+10.14%), 3 samples in 144.5 s"]
     assert numbers(lines[1]) == "keep_low r=0.5: ppl 42.609 (+10.14%), 3 samples"
+    assert numbers("keep_low r=0.5: ppl 42.609, 3 samples in 1.5 s, peak RSS 2.41 GiB") == "keep_low r=0.5: ppl 42.609, 3 samples"
     block = first_run_block({"lines": lines, "wall_s": 154.6, "cpu_s": 252.0, "peak_rss_gb": 2.56, "cpu_cores": 2,
                              "load_avg_at_start": 1.5})
     assert block.startswith("```text\nbaseline: ppl 38.686")
