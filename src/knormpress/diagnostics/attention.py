@@ -53,7 +53,7 @@ def diagnose_attention(module, query, key, value, attention_mask, scaling=None, 
     window, softcap = layer_window(kwargs, layer, plan.windows, "diagnose"), kwargs.get("softcap")
     plan.held[layer] = (held_uncompressed(T, window), bytes_per_token(key, value))
     plan.received[layer] = received_attention(query, key, scaling, window, softcap)
-    plan.norms[layer] = torch.linalg.vector_norm(key[0].float(), dim=-1)
+    plan.norms[layer] = torch.linalg.vector_norm(key[0].to(plan.received[layer].dtype), dim=-1)
     return plain_attention(query, key, value, scaling, window, softcap).transpose(1, 2), None
 
 
@@ -63,14 +63,14 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, scaling: float | 
     sliding layer), over those queries and the query heads of its group; NaN for the last key."""
     Hq, T = query.shape[1], key.shape[2]
     Hkv = key.shape[1]
-    total = torch.zeros(Hkv, T, dtype=torch.float32, device=key.device)
+    total = torch.zeros(Hkv, T, dtype=torch.promote_types(key.dtype, torch.float32), device=key.device)
     for q0 in range(0, T, BLOCK):
         q1, k0 = min(q0 + BLOCK, T), 0 if window is None else max(q0 - window + 1, 0)
         q = torch.arange(q0, q1, device=key.device).view(-1, 1)
         j = torch.arange(k0, q1, device=key.device)
         visible = (j <= q) if window is None else (j <= q) & (j > q - window)
         w = grouped_weights(query[:, :, q0:q1], key[:, :, k0:q1], scaling, visible, softcap)  # (1, Hkv, g, q, n)
-        total[:, k0:q1] += (w[0].float() * (j < q)).sum(dim=(1, 2))
+        total[:, k0:q1] += (w[0] * (j < q)).sum(dim=(1, 2))
     j = torch.arange(T, device=key.device)
     last = torch.full_like(j, T - 1) if window is None else torch.clamp(j + window - 1, max=T - 1)
     later = (last - j).float()  # the queries after j that see it
@@ -86,7 +86,8 @@ def _hooks(model: PreTrainedModel, plan: _Plan) -> list:
             continue
 
         def record(_, __, out, layer=layer, head_dim=module.head_dim):
-            plan.projected[layer] = torch.linalg.vector_norm(out[0].float().unflatten(-1, (-1, head_dim)), dim=-1).t()
+            keys = out[0].unflatten(-1, (-1, head_dim))
+            plan.projected[layer] = torch.linalg.vector_norm(keys.to(torch.promote_types(keys.dtype, torch.float32)), dim=-1).t()
         handles.append(proj.register_forward_hook(record))
     return handles
 
@@ -115,7 +116,7 @@ def measure(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[pd.DataFra
                    "spearman_projected": (float("nan") if projected is None
                                           else spearman(projected[head, seen], received[head, seen])),
                    "mean_received": received[head, seen].mean().item()}
-            qs = torch.quantile(norms[head], torch.tensor(NORM_QUANTILES))
+            qs = torch.quantile(norms[head], torch.tensor(NORM_QUANTILES, dtype=norms.dtype))
             rows.append(row | {f"norm_q{round(100 * q):02d}": v.item() for q, v in zip(NORM_QUANTILES, qs)})
     memory = {"kv_tokens_peak": tokens.max().item(), "kv_tokens_mean": tokens.mean().item(),
               "kv_bytes_peak": nbytes.max().item(), "kv_bytes_mean": nbytes.mean().item()}
