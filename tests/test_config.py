@@ -39,7 +39,7 @@ def check(overrides: list[str]):
 def test_groups_have_the_documented_options():
     assert options("model") == ["gemma3_270m", "hub", "pythia_70m", "smollm2_135m", "tiny_random"]
     assert options("dataset") == ["gutenberg", "local_text", "pg19"]
-    assert options("compress") == ["h2o", "keep_high", "keep_low", "keydiff", "none", "random", "recent_only", "sinks", "tova"]
+    assert options("compress") == ["h2o", "keep_high", "keep_low", "keydiff", "none", "oracle", "random", "recent_only", "sinks", "tova"]
     assert options("task") == ["lm", "needle", "passkey"]
     assert set(PRESETS) == set(options("experiment"))
 
