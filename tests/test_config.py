@@ -17,7 +17,8 @@ from knormpress.spec import Compression
 from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
-PRESETS = {"strategies": 8, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 40, "passkey": 40, "needle": 40}
+PRESETS = {"strategies": 9, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 45, "passkey": 45, "needle": 45,
+           "diagnose": 9, "memory": 2}
 NEEDS = {"local_text": [f"dataset.path={Path(__file__)}"], "hub": ["model.source.id=org/model"]}  # options with a required setting (a path that exists)
 
 
@@ -39,8 +40,8 @@ def check(overrides: list[str]):
 def test_groups_have_the_documented_options():
     assert options("model") == ["gemma3_270m", "hub", "pythia_70m", "smollm2_135m", "tiny_random"]
     assert options("dataset") == ["gutenberg", "local_text", "pg19"]
-    assert options("compress") == ["h2o", "keep_high", "keep_low", "keydiff", "none", "random", "recent_only", "sinks", "tova"]
-    assert options("task") == ["lm", "needle", "passkey"]
+    assert options("compress") == ["h2o", "keep_high", "keep_low", "keydiff", "none", "oracle", "random", "recent_only", "sinks", "tova"]
+    assert options("task") == ["diagnose", "lm", "needle", "passkey"]
     assert set(PRESETS) == set(options("experiment"))
 
 
@@ -121,7 +122,7 @@ def test_callback_and_logging_are_wired():
         ("compress=random", None),
         ("compress.fix_kv_size=0", "fix_kv_size must be an integer >= 1, got 0"),
         ("compress.keep_ratio=abc", "keep_ratio must lie in [0, 1], got 'abc'"),
-        ("task.name=passkee", "unknown task 'passkee'; choose one of lm"),
+        ("task.name=passkee", "unknown task 'passkee'; choose one of diagnose, lm"),
         ("plugins=[no_such_module]", "cannot import plugin 'no_such_module'"),
         ("eval.n_samples=0", "eval.n_samples must be >= 1, got 0"),
         ("eval.engine=fast", "unknown engine 'fast'; choose one of auto, masked, replay, streaming"),

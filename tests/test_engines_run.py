@@ -56,6 +56,8 @@ def echo(tmp_path, monkeypatch):
 @pytest.mark.parametrize("positions", ["true", "rerotate"])
 def test_auto_takes_the_first_engine_of_auto_that_does_not_refuse(name, positions):
     c = Compression(name, positions=positions, n_sink=4)
+    if STRATEGIES[name].needs_next_query and positions == "rerotate":  # the oracle: no engine can (test_diagnostics_recall)
+        return
     first = next(e for e in AUTO if REGISTRY.classes[e]().refuses(c) is None)
     assert pick_engine("auto", c).name == first == usable(c)[0]
     strategy = STRATEGIES[name]

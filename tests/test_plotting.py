@@ -31,7 +31,7 @@ def test_all_figures_are_valid_pngs(v1, tmp_path):
     paths = save_all(*v1, tmp_path)
     assert [p.name for p in paths] == list(FIGURES) == [
         "strategy_comparison.png", "keep_ratio_analysis.png", "ppl_accuracy_tradeoff.png", "improvement_summary.png",
-        "passkey_accuracy.png", "needle_heatmap.png"]
+        "passkey_accuracy.png", "needle_heatmap.png", "norm_attention.png", "attention_recall.png"]
     for path in paths:
         width, height = png_size(path)
         assert width >= 800 and height >= 400

@@ -194,6 +194,7 @@ def test_strategy_variants_keep_rows_of_their_own():
     assert strategy(name="h2o", normalise="sum") == strategy(name="h2o") == "h2o"
     assert strategy(name="keydiff", anchor="raw") == "keydiff[anchor=raw]" and strategy(name="random", seed=3) == "random"
     assert strategy(name="near_norm", target=2.0) == "near_norm"  # a plug-in this process never imported: its name
+    assert strategy(name="oracle") == "oracle (not deployable)"  # Strategy.deployable False: the report says so
     from knormpress.report.headline import headline
 
     rows = [{"run_id": r, "experiment": "e", "role": "compressed", "strategy": s, "keep_ratio": 0.5, "fix_kv_size": 512,

@@ -102,6 +102,14 @@ def test_tova_scores_the_current_attention_averaged_over_heads():
     assert torch.allclose(get_strategy("tova").score(view_by_hand()), torch.tensor([[[0.3, 0.175, 0.525]]]))
 
 
+def test_the_oracle_scores_the_next_querys_attention_else_the_latest_summed_per_group():
+    view = view_by_hand()
+    assert torch.allclose(get_strategy("oracle").score(view), torch.tensor([[[0.6, 0.35, 1.05]]]))  # prefill: one step late
+    view.next_attention = torch.tensor([[[0.2, 1.5, 0.1]]])
+    assert torch.equal(get_strategy("oracle").score(view), view.next_attention)
+    assert not STRATEGIES["oracle"].deployable and all(c.deployable for n, c in STRATEGIES.items() if n != "oracle")
+
+
 def test_keydiff_scores_minus_the_cosine_to_the_mean_unit_key():
     """The paper's definition, per KV head over the keys cached now, in float64 by hand."""
     g = torch.Generator().manual_seed(2)

@@ -66,7 +66,7 @@ def test_lm_refuses_a_budget_the_text_cannot_exceed():
 
 
 def test_unknown_task_or_setting_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown task 'pasky'; choose one of lm"):
+    with pytest.raises(ConfigError, match="unknown task 'pasky'; choose one of diagnose, lm"):
         get_task("pasky")
     with pytest.raises(ConfigError, match="task 'lm' has no setting 'depth'; its settings are: none"):
         get_task({"name": "lm", "depth": 3})

@@ -50,6 +50,7 @@ class CacheView:
     attention_sum: torch.Tensor | None = None
     key_norms: torch.Tensor | None = None  # (batch, kv_heads, n) float32 norms of `keys`, when an engine keeps them
     length: int | None = None
+    next_attention: torch.Tensor | None = None  # (batch, kv_heads, n): for `needs_next_query`, see `Strategy`
 
     def norms(self) -> torch.Tensor:
         """(batch, kv_heads, n) float32 L2 norms of the keys: the engine's copy when it keeps one (the
@@ -67,14 +68,20 @@ class Strategy:
     view alone (this layer's keys and attention), never from another layer's state, for the replay
     to stay exact (`replayable` False otherwise). `needs_attention`: the engines compute the
     view's `attention` (the current query's weights); `needs_attention_sum` also its running sum
-    (the replay skips that sum for strategies that do not read it)."""
+    (the replay skips that sum for strategies that do not read it). `needs_next_query`: the view's
+    `next_attention`, the attention the query about to be read (t = length) gives each cached token,
+    softmax over the cache before pruning plus its own key, summed over the query heads of each KV
+    group; only the replay engine knows it (`oracle`). `deployable` False: a reference that reads what
+    a real cache cannot know; the report labels its rows "(not deployable)"."""
 
     name: ClassVar[str]
     static: ClassVar[bool] = True
     replayable: ClassVar[bool] = True
+    deployable: ClassVar[bool] = True
     needs_sinks: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
     needs_attention_sum: ClassVar[bool] = False
+    needs_next_query: ClassVar[bool] = False
 
     def score(self, view: CacheView) -> torch.Tensor:
         """(batch, kv_heads, n) float32 scores for the cached tokens, higher = keep."""
@@ -173,6 +180,37 @@ class KeyDiff(Strategy):
         unit = keys / norms.unsqueeze(-1)
         anchor = unit.mean(dim=-2, keepdim=True)
         return -(unit * (anchor / torch.linalg.vector_norm(anchor, dim=-1, keepdim=True))).sum(dim=-1)
+
+
+@register
+@dataclass
+class Oracle(Strategy):
+    """The upper bound of any scorer at a budget: keep the older tokens the next query will attend to
+    most, s_j = sum_{h in KV group} A_h[t, j], with t the query read right after this pruning and A
+    its attention over the cache before pruning plus its own key (`CacheView.next_attention`). Not
+    deployable: a real cache prunes before that query exists. Only the replay engine computes it
+    exactly (the streaming and masked engines refuse it, the replay under positions=true only). It
+    shares the eviction rule (recent window, sinks, interval) with every strategy, so it bounds their
+    choice of the older tokens.
+
+    Greedy, not optimal: each pruning keeps what query t wants, but an evicted token never returns
+    and a later query may have wanted it (with interval > 1 the queries t+1..t+I-1 also live with the
+    pruning chosen for t), so its perplexity can lose to a strategy that keeps tokens for later.
+    Where no next query is known (a prompt pruned once after reading it, `compress.when=prefill`, and
+    decoding after it) it ranks by the latest query's attention instead (`view.attention` summed per
+    KV group: one step late, TOVA's signal per head group), and is then no bound."""
+
+    name = "oracle"
+    static = False
+    deployable = False
+    needs_attention = True
+    needs_next_query = True
+
+    def score(self, view):
+        if view.next_attention is not None:
+            return view.next_attention.float()
+        b, h, n = view.positions.shape
+        return view.attention.float().view(b, h, -1, n).sum(dim=2)
 
 
 def label(node: dict) -> str:

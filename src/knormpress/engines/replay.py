@@ -61,6 +61,9 @@ class Replay(Engine):
     def refuses(self, compression: Compression | None, model: PreTrainedModel | None = None) -> str | None:
         if compression is not None and not compression.strategy.replayable:
             return f"strategy {compression.strategy.name!r} keeps state across layers"
+        if compression is not None and compression.strategy.needs_next_query and compression.positions != "true":
+            return (f"strategy {compression.strategy.name!r} ranks by the next query's attention, which under "
+                    f"positions={compression.positions!r} depends on the pruning it ranks for")
         return None
 
     @torch.no_grad()
@@ -106,7 +109,7 @@ def replay_attention(module, query, key, value, attention_mask, scaling=None, dr
         return plain_attention(query, key, value, scaling, window, softcap).transpose(1, 2), None
     plan.held[layer] = (held_counts(T, c.budget, c.interval), per_token)
     with _one_thread():  # a dozen tiny ops per token: threads only add overhead
-        if c.strategy.needs_attention or plan.rotary is not None:
+        if c.strategy.needs_attention or c.strategy.needs_next_query or plan.rotary is not None:
             out, plan.kept[layer] = _replay(query, key, value, scaling, softcap, _Slots(key, c, layer, plan.rotary))
         else:
             exp, plan.kept[layer] = _expiries(key, value, _Slots(key, c, layer))
@@ -239,6 +242,8 @@ def _replay(query, key, value, scaling, softcap, slots: _Slots) -> tuple[torch.T
     grouped = (query[0] * scale).reshape(Hkv, g, T, D).permute(2, 0, 1, 3).contiguous()  # (T, Hkv, g, D)
     outs = torch.empty(T - head, Hkv, g, value.shape[-1], dtype=query.dtype, device=query.device)
     for t in range(head, T):
+        if slots.c.strategy.needs_next_query and slots.filled == slots.n:  # a pruning comes: show it query t
+            slots.view.next_attention = _next_attention(grouped[t], key[0, :, t], slots.keys[0], softcap)
         slots.prune(t)
         if t == T - 1:  # what streaming holds when it stops: token T-1 is only a target there
             kept = slots.kept(value)
@@ -256,6 +261,14 @@ def _replay(query, key, value, scaling, softcap, slots: _Slots) -> tuple[torch.T
             received += w.sum(dim=1)
     out[0, :, head:] = outs.flatten(1, 2).transpose(0, 1)
     return out, kept
+
+
+def _next_attention(query: torch.Tensor, own: torch.Tensor, keys: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """(1, Hkv, n) the attention query t (Hkv, g, D, scaled) gives each of the n cached keys (Hkv, n, D)
+    before the pruning that precedes it: softmax over them and its own key `own` (Hkv, D), summed
+    over the g query heads of each KV group (`CacheView.next_attention`, true positions only)."""
+    logits = torch.cat([torch.bmm(query, keys.transpose(1, 2)), torch.bmm(query, own.unsqueeze(-1))], dim=-1)
+    return cap(logits, softcap).softmax(dim=-1)[..., :-1].sum(dim=1).unsqueeze(0)
 
 
 def _expiries(key, value, slots: _Slots) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

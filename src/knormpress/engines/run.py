@@ -39,6 +39,9 @@ def pick_engine(engine: str, compression: Compression | None, model: PreTrainedM
     ends with no compressed cache to decode from."""
     choose("engine", engine, ["auto", *REGISTRY])
     fits = usable(compression, model, cache)
+    if engine == "auto" and not any(name in fits for name in AUTO):
+        reasons = "; ".join(f"{name}: {REGISTRY.build(name, Engine).refuses(compression, model)}" for name in AUTO)
+        raise ConfigError(f"no engine reproduces this compression ({reasons})")
     if engine == "auto":
         return REGISTRY.build(next(name for name in AUTO if name in fits), Engine)
     if engine in fits:

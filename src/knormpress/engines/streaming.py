@@ -35,6 +35,12 @@ class Streaming(Engine):
 
     name = "streaming"
 
+    def refuses(self, compression: Compression | None, model: PreTrainedModel | None = None) -> str | None:
+        if compression is not None and compression.strategy.needs_next_query:
+            return (f"strategy {compression.strategy.name!r} ranks by the next query's attention, which a token-by-token "
+                    "cache is pruned before it computes")
+        return None
+
     @torch.no_grad()
     def run(self, model: PreTrainedModel, input_ids: torch.Tensor, compression: Compression | None,
             progress: bool = False) -> EngineOutput:

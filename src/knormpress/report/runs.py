@@ -48,6 +48,7 @@ OTHER_PARAMS = {  # identity column -> MLflow param(s), the first one logged win
 TAGGED = ["role", "task", "strategy", "model", "engine", "config_hash", "baseline_key", "sweep", "git_commit",
           "git_dirty"]  # identity columns named like their field in knormpress.tracking.TAGS
 PER_TEXT = "per_text.csv"  # the run artifact: one row per sample
+NOT_DEPLOYABLE = " (not deployable)"  # after the label of a strategy that reads what a real cache cannot know (oracle)
 TEXT_COLUMNS = ["run_id", "text_id", "title", "n_tokens", "nll_sum", "n_correct"]  # lm columns, in this order
 
 
@@ -184,9 +185,17 @@ def _row(run, experiment: str, tag_names: dict[str, str], spec: type = Compressi
     for col, keys in schema(spec).params.items():
         row[col] = next((params[k] for k in keys if k in params), row.get(col))
     strategy = {k.removeprefix("compress.strategy."): v for k, v in params.items() if k.startswith("compress.strategy.")}
-    if "name" in strategy:  # its label: variants of one strategy stay apart
-        row["strategy"] = label(strategy)
+    if "name" in strategy:  # its label: variants of one strategy stay apart; a reference no cache can use says so
+        row["strategy"] = label(strategy) + ("" if deployable(strategy["name"]) else NOT_DEPLOYABLE)
     return row
+
+
+def deployable(name: str) -> bool:
+    """Whether a logged strategy name is one a real cache can run (`Strategy.deployable`); unknown names
+    (a plug-in not loaded now) count as deployable."""
+    from knormpress.strategies import STRATEGIES
+
+    return getattr(STRATEGIES.get(name), "deployable", True)
 
 
 def _newest(runs: list, experiment: str, key: str, tag_names: dict[str, str]) -> pd.DataFrame:
@@ -278,7 +287,7 @@ def read_results(results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.
         raise ConfigError(f"no exported runs in {root}/; run scripts/export_results.py --experiment NAME first")
     runs = tidy(pd.concat([pd.read_csv(f) for f in run_files], ignore_index=True))
     texts = _texts([pd.read_csv(f) for f in sorted((root / "per_text").glob("*.csv"))])
-    return runs, texts.drop_duplicates(["run_id", "text_id"])  # a shared baseline is in several files
+    return runs, texts.drop_duplicates()  # a shared baseline is in several files (a task may give a text several rows)
 
 
 def parse_and_read(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, pd.DataFrame, pd.DataFrame]:

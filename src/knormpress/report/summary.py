@@ -18,6 +18,7 @@ from knormpress.metrics import LEVEL, N_BOOT
 from knormpress.report.agreement import engine_lines
 from knormpress.report.kvpress_parity import parity_block
 from knormpress.report.claims import load_claims, notes, rule_lines, verdicts
+from knormpress.report.diagnose_summary import section as diagnose_section
 from knormpress.report.effects import IDENTICAL_RTOL, UNKNOWN_MODEL, by_model, effect, pick, rows_where
 from knormpress.report.runs import HEAD, RUNNER_METRICS, metric_columns, task_class
 from knormpress.report.timings import timing_lines
@@ -300,4 +301,4 @@ def summary_markdown(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | Non
             parts += [f"## {title}{suffix}", f"Ours: {describe(exp_runs)}. Seed: {claims['setup']}.",
                       markdown_table(table)]
         parts += _sweeps(own, texts, claims, suffix)
-    return "\n\n".join(parts + _experiments(runs, models)) + "\n"
+    return "\n\n".join(parts + diagnose_section(runs, texts) + _experiments(runs, models)) + "\n"
