@@ -124,7 +124,7 @@ def test_score_order_layout_holds_the_same_tokens(model, text_ids):
 
 
 @pytest.mark.parametrize("kwargs,words", [
-    (dict(strategy="keep_lo"), ["unknown strategy 'keep_lo'", "h2o, keep_high, keep_low, keydiff, random"]),
+    (dict(strategy="keep_lo"), ["unknown strategy 'keep_lo'", "h2o, keep_high, keep_low, keydiff, oracle, random"]),
     (dict(keep_ratio=1.5), ["keep_ratio must lie in [0, 1]", "1.5"]),
     (dict(keep_ratio=-0.1), ["keep_ratio must lie in [0, 1]"]),
     (dict(fix_kv_size=0), ["fix_kv_size must be an integer >= 1"]),

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
 from hydra.core.config_store import ConfigStore
@@ -84,7 +85,8 @@ def test_every_preset_and_every_job_of_its_grid_validates(preset, n_jobs):
     cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
     assert cfg.tracking.experiment == preset
     assert count_jobs(cfg) == n_jobs
-    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    parse = OverridesParser.create().parse_overrides  # as Hydra's basic sweeper splits a sweep ("[],[0,1]": two lists)
+    params = {k: list(parse([f"{k}={v}"])[0].sweep_string_iterator()) for k, v in cfg.hydra.sweeper.params.items()}
     groups = [k for k in params if (CONF_DIR / k).is_dir()]  # need a compose; plain values can be set
     values = [k for k in params if k not in groups]
     jobs = 0
