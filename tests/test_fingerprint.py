@@ -15,7 +15,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from knormpress.errors import ConfigError
 from knormpress.fingerprint import DVC_FILE, ROOT, Fingerprint, compute, sources
 
-STRATEGIES = "src/knormpress/strategies.py"
+STRATEGIES = "src/knormpress/strategies/norms.py"
 
 
 @pytest.fixture(scope="module")

@@ -128,9 +128,9 @@ def test_run_left_running_by_a_dead_process_is_marked_failed(args, tmp_path):
 
 
 def other_code(monkeypatch) -> tuple[Fingerprint, Fingerprint]:
-    """Today's fingerprint, and the one this process reports from now on: as if strategies.py changed."""
+    """Today's fingerprint, and the one this process reports from now on: as if strategies/norms.py changed."""
     today = fingerprint.current()
-    other = Fingerprint(today.parts | {"src/knormpress/strategies.py": "0" * 12})
+    other = Fingerprint(today.parts | {"src/knormpress/strategies/norms.py": "0" * 12})
     monkeypatch.setattr(fingerprint, "current", lambda: other)
     return today, other
 
@@ -142,7 +142,7 @@ def test_runs_of_other_code_are_rerun_superseded_and_not_exported_until_the_code
     today, other = other_code(monkeypatch)
     with caplog.at_level(logging.INFO, logger="knormpress"):
         assert job(args, tmp_path) is not None
-    why = f"FINISHED with other code (fingerprint {today.digest} != {other.digest}: src/knormpress/strategies.py changed)"
+    why = f"FINISHED with other code (fingerprint {today.digest} != {other.digest}: src/knormpress/strategies/norms.py changed)"
     assert f"rerun keep_low kv=32 r=0.5: run {old['compressed']} {why}" in caplog.messages
     assert f"measure a new baseline: run {old['baseline']} {why}" in caplog.messages
     new = {r.data.tags["knormpress.role"]: r.info.run_id for r in runs(tmp_path, fingerprint=other.digest)}

@@ -114,7 +114,7 @@ class Fingerprint:
         return run.data.tags.get(TAGS["fingerprint"]) == self.digest
 
     def difference(self, run: Run) -> str:
-        """Why `run` was computed by other code, e.g. "fingerprint a != b: src/knormpress/strategies.py changed"."""
+        """Why `run` was computed by other code, e.g. "fingerprint a != b: src/knormpress/strategies/norms.py changed"."""
         digest = run.data.tags.get(TAGS["fingerprint"])
         if digest is None:
             return "no fingerprint: logged before runs carried one"
