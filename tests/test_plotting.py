@@ -86,8 +86,15 @@ def test_tradeoff_labels_every_config_once(v1):
     # 14 distinct compressed configs: ablations 4 (keep_low 0/0.5, sorted/unsorted), keep_ratio 6
     # more (keep_low 0.3/0.4/0.6, random 0.3/0.4/0.6), strategies 4 more (keep_high, random 0.5,
     # recent_only, sinks); sorted and unsorted give the same numbers at 0 and 0.5: 12 labels.
+    # A label with no free spot is a number beside its point, spelled out in the key beside the panel;
     ax = FIGURES["ppl_accuracy_tradeoff.png"](*v1).axes[0]
-    labels = [t.get_text() for t in ax.texts]
+    texts = [t.get_text() for t in ax.texts]
+    keys = [t for t in texts if t.startswith("1: ")]
+    assert len(keys) <= 1
+    spelled = dict(line.split(": ", 1) for line in keys[0].split("\n")) if keys else {}
+    # points drawn on top of each other share a label: "a / b"
+    labels = [one for t in texts if t not in keys for one in spelled.get(t, t).split(" / ")]
+    assert sorted(spelled) == sorted(t for t in texts if t.isdigit())  # every number on the panel is in the key
     assert "keep_low 0.5 = keep_low 0.5 unsorted" in labels and "keep_low 0 = keep_low 0 unsorted" in labels
     assert len(labels) == len(set(labels)) == 12
 

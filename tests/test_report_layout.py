@@ -22,11 +22,7 @@ def tables(request):
     return read_results(request.param)
 
 
-CROWDED = "ppl_accuracy_tradeoff.png"  # labels still collide where many runs sit near the origin (no inset yet)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="labels near the origin collide"))
-                                  if n == CROWDED else n for n in FIGURES])
+@pytest.mark.parametrize("name", FIGURES)
 def test_no_text_overlaps_or_leaves_the_canvas(name, tables):
     fig = FIGURES[name](*tables, load_claims())
     assert problems(fig) == []

@@ -141,7 +141,6 @@ def ppl_accuracy_tradeoff(runs: pd.DataFrame, texts: pd.DataFrame | None = None,
     for _, points, _, (ax,) in panels:
         _tradeoff_points(ax, points, color)
     titles(fig, panels, "Perplexity vs accuracy cost of each compressed run", describe, sep="\n")
-    fig.canvas.draw()  # fix the layout and limits before measuring label boxes
     for _, points, _, (ax,) in panels:
         _tradeoff_labels(ax, points, color)
     return fig
@@ -166,10 +165,52 @@ def _tradeoff_points(ax, exp: pd.DataFrame, color: Palette) -> None:
     ax.legend(fontsize=8, loc="lower left", title=f"error bars: paired {CI_LABEL}", title_fontsize=8)
 
 
-def _tradeoff_labels(ax, exp: pd.DataFrame, color: Palette) -> None:
-    """Label each point once, away from markers, error bars and the legend (on a drawn canvas)."""
-    ax.set_xlim(ax.get_xlim())
-    ax.set_ylim(ax.get_ylim())
+def _tradeoff_labels(ax, exp: pd.DataFrame, color: Palette, passes: int = 6, near_px: float = 8.0) -> None:
+    """Label each point once, away from markers, error bars and the legend (on a drawn canvas).
+    Points closer than `near_px` pixels cannot be told apart, so they share one label ("a / b"); a
+    label with no free spot (points crowded near the origin) becomes a number, spelled out in a key
+    beside the panel; the key takes room, so the layout is drawn and measured again."""
+    ax.figure.canvas.draw()
+    xy, labels, colors = _nearby_merged(ax, exp, color, near_px)
+    numbered: list[int] = []
+    key = None
+    for last in [False] * (passes - 1) + [True]:
+        ax.figure.canvas.draw()  # fix the layout and limits before measuring label boxes
+        ax.set_xlim(ax.get_xlim())
+        ax.set_ylim(ax.get_ylim())
+        order = numbered + [i for i in range(len(labels)) if i not in numbered]  # numbers first: they fit anywhere
+        texts = [str(numbered.index(i) + 1) if i in numbered else labels[i] for i in order]
+        args = (ax, xy[order], texts, [colors[i] for i in order], *_tradeoff_obstacles(ax, exp))
+        crowded = [order[k] for k in place_labels(*args, dry=True) if order[k] not in numbered]
+        if last or not crowded:
+            place_labels(*args)
+            return
+        numbered += crowded
+        if key is not None:
+            key.remove()
+        key = ax.text(1.02, 1.0, "\n".join(f"{n}: {labels[i]}" for n, i in enumerate(numbered, 1)), transform=ax.transAxes,
+                      ha="left", va="top", fontsize=7)
+
+
+def _nearby_merged(ax, exp: pd.DataFrame, color: Palette, near_px: float) -> tuple[np.ndarray, list[str], list[str]]:
+    """The points to label (data coordinates), their labels and colours: runs with the same numbers
+    (an ablation that changes nothing) join with " = ", points drawn within `near_px` with " / "."""
+    points = exp.groupby(["delta_ppl_pct", "delta_accuracy_pct"], sort=False).agg(
+        label=("label", " = ".join), strategy=("strategy", "first")).reset_index()
+    xy = points[["delta_ppl_pct", "delta_accuracy_pct"]].to_numpy(float)
+    px = ax.transData.transform(xy)
+    groups: list[list[int]] = []
+    for i in range(len(points)):
+        home = next((g for g in groups if np.hypot(*(px[g[0]] - px[i])) < near_px), None)
+        if home is None:
+            groups.append(home := [])
+        home.append(i)
+    return (xy[[g[0] for g in groups]], [" / ".join(points.label[i] for i in g) for g in groups],
+            [color(points.strategy[g[0]]) for g in groups])
+
+
+def _tradeoff_obstacles(ax, exp: pd.DataFrame) -> tuple[list[Bbox], list[Bbox]]:
+    """Pixel boxes a label should not cover: the markers and the legend, and the error bars."""
     to_px = ax.transData.transform
     markers = [Bbox.from_bounds(x - 5, y - 5, 10, 10) for x, y in to_px(exp[["delta_ppl_pct", "delta_accuracy_pct"]])]
     markers.append(ax.get_legend().get_window_extent())
@@ -180,12 +221,7 @@ def _tradeoff_labels(ax, exp: pd.DataFrame, color: Palette) -> None:
         bars.append(Bbox([[x0, y0 - 1], [x1, y1 + 1]]))
         (x0, y0), (x1, y1) = to_px([(x, r.delta_accuracy_pct_lo), (x, r.delta_accuracy_pct_hi)])
         bars.append(Bbox([[x0 - 1, y0], [x1 + 1, y1]]))
-    bars = [b for b in bars if np.isfinite(b.bounds).all()]
-    # runs with the same numbers (e.g. an ablation that changes nothing) share one label
-    points = exp.groupby(["delta_ppl_pct", "delta_accuracy_pct"], sort=False).agg(
-        label=("label", " = ".join), strategy=("strategy", "first")).reset_index()
-    place_labels(ax, points[["delta_ppl_pct", "delta_accuracy_pct"]].to_numpy(float), points.label.tolist(),
-                 [color(s) for s in points.strategy], markers, bars)
+    return markers, [b for b in bars if np.isfinite(b.bounds).all()]
 
 
 def improvement_summary(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None = None) -> Figure:
