@@ -6,8 +6,7 @@ without loading torch, transformers or mlflow.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from knormpress.lazy import lazy_names
 
 _HOME = {  # public name -> module that defines it
     "Budget": "eviction",
@@ -37,16 +36,4 @@ _HOME = {  # public name -> module that defines it
     "register_task": "tasks",
     "evaluate": "engines",
 }
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'knormpress' has no attribute {name!r}")
-    value = getattr(import_module(f"knormpress.{_HOME[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_names(__name__, _HOME)

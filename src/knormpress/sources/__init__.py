@@ -6,8 +6,7 @@ or transformers.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from knormpress.lazy import lazy_names
 
 _HOME = {  # public name -> module of this package that defines it
     "ByteTokenizer": "tiny",
@@ -27,19 +26,4 @@ _HOME = {  # public name -> module of this package that defines it
     "strip_gutenberg": "gutenberg",
     "validate_model_spec": "models",
 }
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:  # a submodule (`from knormpress.sources import models`) is imported as such
-        try:
-            return import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(import_module(f"{__name__}.{_HOME[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_names(__name__, _HOME)
