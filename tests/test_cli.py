@@ -33,6 +33,8 @@ def imported(stderr: str) -> set[str]:
         (["dataset=local_text", "dataset.path=no/such/books"], "found no files matching 'no/such/books'"),
         (["compress.keep_ratio=1.5"], "keep_ratio must lie in [0, 1], got 1.5"),
         (["compress.fix_kv_size=5000"], "compress.fix_kv_size=5000 is not smaller than the 2999 tokens"),
+        (["model=hub"], "model.source.id has no value: give it on the command line, e.g. model.source.id=<value> "
+                        "(a Hub id or a local folder; with no Hub: model=gemma3_270m, model=smollm2_135m"),
     ],
 )
 def test_a_mistake_is_one_line_before_any_heavy_import(overrides, words, tmp_path):

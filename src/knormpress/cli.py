@@ -117,6 +117,12 @@ def one_line(error: Exception, overrides: list[str] = ()) -> str:
         return str(unknown(group, name, sorted(error.options)))
     if explained := _unknown_key(error, list(overrides)):
         return explained
+    if missing := re.search(r"Missing mandatory value: ([\w.]+)", str(error)):  # a `???` in a config: say which
+        key = missing.group(1)
+        offline = ", ".join(f"model={p.stem}" for p in sorted((CONF_DIR / "model").glob("*.yaml"))
+                            if "kind: hub" not in p.read_text())
+        hint = f" (a Hub id or a local folder; with no Hub: {offline})" if key == "model.source.id" else ""
+        return f"{key} has no value: give it on the command line, e.g. {key}=<value>{hint}"
     lines = [str(e).strip().splitlines()[0].rstrip(".") for e in (error, error.__cause__) if e is not None and str(e).strip()]
     return ": ".join(lines) or type(error).__name__
 
