@@ -230,11 +230,13 @@ def _resources(outcomes: list, samples: list, baseline: Measured | None, held: s
     m["wall_s"] = sum(o.wall_s for o in outcomes)
     predicted = sum(len(s.input_ids) - 1 for s in samples)
     m["tokens_per_s"] = predicted / m["wall_s"] if m["wall_s"] > 0 else float("nan")
-    key = f"kv_bytes_{held}"
-    m["memory_saving_pct"] = 100 * (1 - m[key] / baseline.metrics[key]) if baseline else 0.0
+
+    def saving(key: str) -> float:  # % fewer bytes than the baseline held at the same point
+        return 100 * (1 - m[key] / baseline.metrics[key]) if baseline else 0.0
+
+    m["memory_saving_pct"] = saving(f"kv_bytes_{held}")
     if "kv_bytes_last" in m and (baseline is None or "kv_bytes_last" in baseline.metrics):  # the seed's measure:
-        # the cache held at the end of each text, against the baseline's
-        m["memory_saving_last_pct"] = 100 * (1 - m["kv_bytes_last"] / baseline.metrics["kv_bytes_last"]) if baseline else 0.0
+        m["memory_saving_last_pct"] = saving("kv_bytes_last")  # the cache held at the end of each text
     return m
 
 
