@@ -48,6 +48,19 @@ def test_every_block_in_the_docs_is_registered_and_renders(tmp_path):
         assert render_blocks(page.read_text(), tmp_path).count("Not ") >= len(block_names(page.read_text()))
 
 
+def test_a_summary_section_is_cut_at_the_next_section_and_params_come_verbatim(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.md").write_text("# Summary\n\nlead\n\n## When does the key norm carry attention?\n\n"
+                                        "rho -0.1\n\n#### a table\n\n| a |\n\n## Next\n\nnot this\n")
+    assert BLOCKS["diagnose-summary"](results) == "rho -0.1\n\n##### a table\n\n| a |"
+    (results / "summary.md").write_text("# Summary\n\n## Other\n")
+    assert BLOCKS["diagnose-summary"](results).startswith("Not built yet")
+    assert BLOCKS["study-params"](results).startswith("Not found")
+    (tmp_path / "params.yaml").write_text("study:\n  n_samples: 3\n")
+    assert BLOCKS["study-params"](results) == "```yaml\nstudy:\n  n_samples: 3\n```"
+
+
 LOG = """[2026-12-06 10:16:23,248][knormpress.sources][INFO] - loaded model M (source pypi) in 2.6 s
 [2026-12-06 10:19:10,683][knormpress][INFO] - baseline: ppl 38.686, accuracy 35.99%, 3 samples in 159.8 s [run 343ebc]
 some warning

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from knormpress.errors import ConfigError
 from knormpress.report.agreement import read_engine_agreement
+from knormpress.report.diagnose_summary import TITLE as DIAGNOSE_TITLE
 from knormpress.report.engine_tables import agreement_table, speed_table
 from knormpress.report.first_run import first_run_block, read_first_run
 from knormpress.report.kvpress_parity import PARITY, parity_block, read_parity
@@ -22,6 +23,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "engine-speed": lambda results: speed_table(results),
     "engine-agreement": lambda results: agreement_table(read_engine_agreement(results)),
     "results-summary": lambda results: summary_body(results),
+    "diagnose-summary": lambda results: summary_section(results, DIAGNOSE_TITLE),
+    "study-params": lambda results: study_params(results.parent / "params.yaml"),
 }
 _MARKER = re.compile(r"^<!-- ([a-z0-9-]+):begin -->$", re.MULTILINE)  # a marker is a line of its own
 
@@ -77,3 +80,21 @@ def summary_body(results: Path) -> str:
     lines = path.read_text().splitlines()
     body = lines[1:] if lines and lines[0].startswith("# ") else lines
     return "\n".join(f"#{line}" if line.startswith("#") else line for line in body).strip("\n")
+
+
+def summary_section(results: Path, title: str) -> str:
+    """The section of results/summary.md headed `title` (to the next section), one level down."""
+    body = summary_body(results).splitlines()
+    heading = f"#{title}"
+    if heading not in body:
+        return f"Not built yet: run `dvc repro` (results/summary.md has no section {title.lstrip('# ')!r})."
+    start = body.index(heading) + 1
+    stop = next((i for i in range(start, len(body)) if body[i].startswith(("## ", "### "))), len(body))
+    return "\n".join(body[start:stop]).strip("\n")
+
+
+def study_params(path: Path) -> str:
+    """params.yaml as it is, in a YAML code block: the study's size is stated once, there."""
+    if not path.exists():
+        return f"Not found: {path} (the study's params.yaml, beside results/)."
+    return f"```yaml\n{path.read_text().strip()}\n```"

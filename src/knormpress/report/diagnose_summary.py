@@ -13,6 +13,7 @@ from knormpress.report.panels import per_model
 
 TASK = "diagnose"
 TITLE = "## When does the key norm carry attention?"
+MISSED = "attention missed per 1000 (1 - recall)"
 PPL_FROM = "strategies"  # the experiment whose delta_ppl_pct stands beside each strategy's recall
 
 
@@ -72,6 +73,7 @@ def _normalisation(after: float, before: float) -> str:
 
 def _recall_table(model: str, rows: pd.DataFrame, runs: pd.DataFrame) -> str:
     table = rows.groupby("strategy").recall.mean().rename("attention recall").to_frame()
+    table[MISSED] = (1 - table["attention recall"]) * 1000  # recall sits near 1: the misses tell strategies apart
     costs = runs[(runs.experiment == PPL_FROM) & (runs.model == model) & (runs.role == "compressed")]
     if "delta_ppl_pct" in costs and not costs.empty:
         table = table.join(costs.groupby("strategy").delta_ppl_pct.mean().rename(f"PPL change % ({PPL_FROM})"))
@@ -85,4 +87,4 @@ def _recall_table(model: str, rows: pd.DataFrame, runs: pd.DataFrame) -> str:
 def _cell(value: float, column: str) -> str:
     if value != value:
         return "-"
-    return f"{value:+.1f}" if column.startswith("PPL") else f"{value:.4f}"
+    return f"{value:+.1f}" if column.startswith("PPL") else f"{value:.3f}" if column == MISSED else f"{value:.4f}"
