@@ -10,7 +10,7 @@ keep_ratio 0.5, skip_layers [0, 1].
 The study's full measurement (3 texts x 3000 tokens, ~2,500 one-token streaming steps per text) is
 the bench's (`scripts/bench_engines.py --n-samples 3 --out results/engine_agreement.jsonl`): the
 first test checks that stored line against the bounds. The suite itself runs both engines on the
-first 2 texts x 1500 tokens (~1,000 pruned steps each, a fifth of the streaming work), where every
+first 2 texts x 1024 tokens, the DVC study's length (~500 pruned steps each, a tenth of the streaming work), where every
 bound must hold too: each holds for each text on its own, so it holds for texts pooled (pooled PPL
 ratio, accuracy difference and share of swapped memberships are token- or slot-weighted means of
 the per-text ones). One class per text: with `pytest -n 2` (--dist loadscope) the two streaming
@@ -26,7 +26,7 @@ from knormpress.diagnostics.agreement import compare_engines
 from knormpress.report.agreement import read_engine_agreement
 
 STUDY_TEXTS, STUDY_TOKENS = 3, 3000  # the full measurement, in results/
-N_TOKENS = 1500  # per text in the suite
+N_TOKENS = 1024  # per text in the suite: the DVC study's length (params.yaml)
 DEFAULT = Compression("keep_low", 512, 0.5, [0, 1])
 RESULTS = Path(__file__).parents[1] / "results"
 

@@ -48,6 +48,12 @@ def test_every_block_in_the_docs_is_registered_and_renders(tmp_path):
         assert render_blocks(page.read_text(), tmp_path).count("Not ") >= len(block_names(page.read_text()))
 
 
+def test_the_summary_block_leaves_out_commit_hashes(tmp_path):
+    (tmp_path / "summary.md").write_text("# Summary\n\n## Setup\n\n- a: 9 runs; engine masked; git 42382615\n"
+                                         "- b (`x.py`, git 016b5573+dirty; M, 3 texts)\n- c; git abcdef01; d\n")
+    assert BLOCKS["results-summary"](tmp_path) == "### Setup\n\n- a: 9 runs; engine masked\n- b (`x.py`, M, 3 texts)\n- c; d"
+
+
 def test_a_summary_section_is_cut_at_the_next_section_and_params_come_verbatim(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

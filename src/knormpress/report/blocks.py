@@ -26,6 +26,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "diagnose-summary": lambda results: summary_section(results, DIAGNOSE_TITLE),
     "study-params": lambda results: study_params(results.parent / "params.yaml"),
 }
+_COMMIT = re.compile(r"(; )?\bgit [0-9a-f]{7,40}(\+dirty)?(; )?")  # provenance for results/, not for pages
 _MARKER = re.compile(r"^<!-- ([a-z0-9-]+):begin -->$", re.MULTILINE)  # a marker is a line of its own
 
 
@@ -79,7 +80,8 @@ def summary_body(results: Path) -> str:
         return "Not built yet: run `dvc repro`."
     lines = path.read_text().splitlines()
     body = lines[1:] if lines and lines[0].startswith("# ") else lines
-    return "\n".join(f"#{line}" if line.startswith("#") else line for line in body).strip("\n")
+    text = "\n".join(f"#{line}" if line.startswith("#") else line for line in body).strip("\n")
+    return _COMMIT.sub(lambda m: "; " if m.group(1) and m.group(3) else "", text)
 
 
 def summary_section(results: Path, title: str) -> str:
