@@ -135,8 +135,8 @@ def test_metrics_show_and_diff_read_the_headline_numbers(repo):
     keep_low = runs[runs.strategy == "keep_low"].iloc[0]
     shown = json.loads(sh(repo, DVC, "metrics", "show", "--json"))
     (data,) = [v["data"]["results/metrics.json"]["data"] for v in shown.values()]
-    tasks = {t for name in ("strategies", "passkey", "needle") if (repo / "results" / f"{name}.csv").exists()
-             for t in pd.read_csv(repo / "results" / f"{name}.csv").task.dropna()}
+    tasks = {t for path in (repo / "results").glob("*.csv") if "task" in pd.read_csv(path, nrows=0).columns
+             for t in pd.read_csv(path).task.dropna()}  # every exported stage's tasks (lm, passkey, needle, diagnose)
     assert set(data[keep_low.model]) == tasks | {"claims"} and "lm" in tasks  # one level per task, even for one task
     words = {category(v) for v in data[keep_low.model]["claims"].values()}  # the summary's verdict words
     assert words and words <= {"holds", "direction holds", "does not hold", "inconclusive", "not measurable"}

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "knormpress"
 PRESENTATION = {"agreement.py", "claims.py", "effects.py", "figures.py", "labels.py", "panels.py", "retrieval_figures.py",
                 "summary.py", "diagnose_figures.py", "diagnose_summary.py", "claims.yaml", "kvpress_parity.py", "sweep_figure.py",
-                "blocks.py", "engine_tables.py", "first_run.py", "offline_plots.py"}  # report/ only; the last four: the docs' generated blocks
+                "study_headline.py", "blocks.py", "engine_tables.py", "first_run.py", "offline_plots.py"}  # report/ only; the last four: the docs' generated blocks
 # run by scripts, no job imports them: the kvpress parity check (scripts/kvpress_parity.py); diagnostics/ is a
 # dependency (the diagnose task runs it), its engine agreement check included
 TOOLS = (PACKAGE / "parity",)

@@ -142,6 +142,6 @@ def test_two_models_get_a_row_of_panels_each(tmp_path):
     for name in ("keep_ratio_analysis.png", "improvement_summary.png"):  # only SmolLM2 ran them: one row, as before
         one = FIGURES[name](runs, texts)
         assert one.subfigs == [] and SMOL in one.get_suptitle() and GEMMA not in one.get_suptitle()
-    for drawn, size in ((fig, (550, 2 * 230)), (tradeoff, (450, 2 * 325))):  # one model: 11 x 4.6 and 9 x 6.5 in
+    for drawn, size in ((fig, (550, 2 * 280)), (tradeoff, (450, 2 * 325))):  # one model: 11 x 5.6 and 9 x 6.5 in
         drawn.savefig(tmp_path / "figure.png", dpi=50)
         assert png_size(tmp_path / "figure.png") == size  # a row per model

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from knormpress.config import CONF_DIR
 from knormpress.report.claims import verdict_metrics
 from knormpress.report.headline import headline, task_setting
+from knormpress.report.study_headline import study_headline
 from knormpress.report.runs import tidy
 from knormpress.settings import defaults
 from knormpress.spec import Compression
@@ -43,6 +44,18 @@ def test_each_task_is_read_at_its_own_setting_and_newer_other_settings_do_not_wi
     assert out["tiny"]["lm"]["keep_low"]["ppl"] == 11.0  # run "k", though four newer keep_low runs exist
     assert out["tiny"]["lm"]["baseline"] == {"ppl": 10.0, "accuracy": 0.5}
     assert out["tiny"]["passkey"]["tova"]["ppl"] == 13.0  # ratio 0.5, not the newer 0.9
+
+
+def test_the_experiment_with_the_most_strategies_at_the_setting_wins_over_a_newer_run_of_another_size():
+    # "strategies": baseline, keep_low and tova on 10 short texts; "memory": a newer baseline and
+    # keep_low at the same setting on one long text. The headline reads the strategies experiment only.
+    runs = tidy(pd.DataFrame([row("b", None, 0), row("k", "keep_low", 1), row("t", "tova", 2),
+                              row("mb", None, 5), row("mk", "keep_low", 6)]))
+    runs["experiment"] = runs.run_id.map(lambda r: "memory" if r.startswith("m") else "strategies")
+    assert headline(runs, {"lm": LM})["tiny"]["lm"]["keep_low"] == {"ppl": 16.0, "accuracy": 0.5}  # newest of all
+    got = study_headline(runs)["tiny"]["lm"]
+    assert got == {"baseline": {"ppl": 10.0, "accuracy": 0.5}, "keep_low": {"ppl": 11.0, "accuracy": 0.5},
+                   "tova": {"ppl": 12.0, "accuracy": 0.5}}
 
 
 def test_one_task_keeps_the_task_level():

@@ -31,8 +31,9 @@ def norm_attention(runs: pd.DataFrame, texts: pd.DataFrame, claims: dict | None 
                 ax.set_title(f"{what}: not measured for this model", fontsize=9)
                 continue
             image = ax.imshow(grid.to_numpy(float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", origin="lower")
-            ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], fontsize=7)
-            ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index], fontsize=7)
+            step = -(-grid.shape[1] // 16)  # at most 16 layer labels: 30 would overlap
+            ax.set_xticks(range(0, grid.shape[1], step), [str(int(c)) for c in grid.columns[::step]], fontsize=7)
+            ax.set_yticks(range(grid.shape[0]), [str(int(i)) for i in grid.index], fontsize=7)
             sliding = sorted(set(table[table.window > 0].layer))
             ax.set_xlabel("layer" + (f" (sliding-window layers: {_spans(sliding)})" if sliding else ""))
             ax.set_ylabel("KV head")

@@ -67,7 +67,7 @@ def strategy_comparison(runs: pd.DataFrame, texts: pd.DataFrame | None = None, c
     claims = claims or load_claims()
     config, color = claims["figures"]["strategy_comparison"], palette(runs, claims)
     name, ratio = config["experiment"], config["keep_ratio"]
-    fig, panels, tables = _experiment_rows(runs, name, lambda own: _at_ratio(own, ratio, color), 4.6)
+    fig, panels, tables = _experiment_rows(runs, name, lambda own: _at_ratio(own, ratio, color), 5.6)
     if not panels:
         return no_data(fig, f"no runs with {'/'.join(METRICS)} in experiment '{name}'")
     for model, exp, holder, axes in panels:
