@@ -84,7 +84,8 @@ POLICY_FAST = [("gpt_neox", "keep_low", "rerotate", 1, False, "replay"), ("llama
                ("llama", "keep_low", "true", 5, True, "masked"), ("gpt_neox", "tova", "true", 5, False, "replay"),
                ("llama", "keydiff", "rerotate", 1, False, "replay"), ("gpt_neox", "sinks", "rerotate", 5, True, "replay"),
                ("gemma3", "keep_low", "rerotate", 5, False, "replay"),  # sliding layers keep true positions
-               ("llama", "h2o[normalise=mean]", "true", 5, True, "replay")]
+               ("llama", "h2o[normalise=mean]", "true", 5, True, "replay"),
+               ("llama", "keep_low", "rerotate", 1, True, "replay")]  # engines/rerotated.py: no step loop
 
 
 def check_policy(models, ids, arch, strategy, positions, interval, sort_by_time, engine):
@@ -163,3 +164,16 @@ def test_attention_strategies_on_a_bare_cache_say_how_to_run_them(models, ids):
         cache = models["llama"](ids[None, :60], use_cache=True).past_key_values
     with pytest.raises(ConfigError, match="'h2o' scores tokens by the attention they receive.*knormpress.evaluate"):
         fix_size_l2_compress(cache, fix_kv_size=20, strategy="h2o")
+
+
+def test_static_strategies_in_time_order_under_rerotate_run_without_the_step_loop(models, ids, monkeypatch):
+    """A control for the grid: the equivalence above must come from engines/rerotated.py, not the slots loop."""
+    import knormpress.engines.replay as replay
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the step loop ran")
+
+    monkeypatch.setattr(replay, "_replay", refuse)
+    check(models["llama"], ids[:80], "keep_low", 0.5, (), 0, 24, positions="rerotate", interval=1)
+    with pytest.raises(AssertionError, match="the step loop ran"):  # score order still needs it
+        check(models["llama"], ids[:80], "keep_low", 0.5, (), 0, 24, positions="rerotate", sort_by_time=False)

@@ -64,3 +64,21 @@ def test_a_rotary_the_shift_cannot_be_checked_against_is_refused():
         Rotary(model)
     assert "\n" not in str(said.value)
 
+
+
+def test_shifts_compose_to_float64_rounding():
+    """Many one-position steps (the token-by-token engine) equal one shift by their sum (the one-pass
+    engines): the shift's cos/sin are computed in float64, not in the rotary module's float32."""
+    model = tiny_model("llama").double()
+    rotary = Rotary(model)
+    x = torch.randn(2, 5, model.config.hidden_size // model.config.num_attention_heads, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    stepped = x
+    for _ in range(300):
+        stepped = rotary.shift(stepped, -1, 0)
+    assert (stepped - rotary.shift(x, -300, 0)).abs().max() < 1e-12
+    assert (rotary.shift(x, -300, 0) - x).abs().max() > 0.1  # a control: the shift moved them
+    float32 = x.float()
+    for _ in range(300):
+        float32 = rotary.shift(float32, 1, 0)
+    assert ((float32.double().norm(dim=-1) / x.norm(dim=-1)) - 1).abs().max() < 1e-6  # no drift in the norm

@@ -85,7 +85,10 @@ class CacheCompressor:
     With `positions="rerotate"` every key of a compressed layer is rotated at its index in the
     cache: pruning rotates each kept key from its old index to its new one with `rotary` (the
     model's own rotary embedding), and the engines' attention puts each new token at the next
-    index (`knormpress.engines.streaming.shift_new_tokens`).
+    index (`knormpress.engines.streaming.shift_new_tokens`). A static strategy scores each key
+    rotated back to its true position, where the model computed it: its score then never changes
+    (a norm is the same at any index in exact arithmetic, but not after float rounding), which is
+    what lets the replay engine compute the evictions once (`knormpress.engines.rerotated`).
     """
 
     def __init__(self, compression: Compression, rotary: Rotary | None = None) -> None:
@@ -123,7 +126,10 @@ class CacheCompressor:
                     "does not hold; run it through knormpress.evaluate or knormpress.run_engine"
                 )
             positions, length = state.positions_now(layer.keys)
-            scores = c.strategy.score(CacheView(layer.keys, positions, idx, last, total, length=length))
+            keys = layer.keys
+            if self.rotary is not None and c.strategy.static:  # a static score is the key's at its true position
+                keys = self.rotary.shift(keys, positions - torch.arange(keys.shape[-2], device=keys.device), idx)
+            scores = c.strategy.score(CacheView(keys, positions, idx, last, total, length=length))
             keep = select(scores, positions, length, c.budget, c.sort_by_time)
             if total is not None:
                 state.attention_sum = total.gather(-1, keep)

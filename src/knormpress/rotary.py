@@ -7,6 +7,12 @@ compose by adding angles, R(s - p) R(p) = R(s), so the shift uses the cos/sin th
 rotary module gives for the offset s - p: partial rotary (GPT-NeoX rotates only the first
 dimensions) and rope scaling come out as the model computes them.
 
+The shift computes its cos/sin in float64 from the module's own inverse frequencies and attention
+scaling (the module computes them in float32): rotations then compose to float64 rounding, R(a) R(b)
+= R(a + b), so a key moved by many one-index steps (the token-by-token engine) and one moved once
+by their sum (the one-pass engines) agree, and its norm does not drift over thousands of steps.
+A float32 key is rotated in float64 and rounded back once.
+
 The shift pairs dimension i with i + rot/2 (transformers' `rotate_half`). Families differ (pairs of
 neighbours, scaled cos/sin, rotary applied elsewhere), so before any shift `Rotary` checks itself
 against the model's own `apply_rotary_pos_emb` on random vectors: rotated by the model at p, then
@@ -26,7 +32,7 @@ from knormpress.errors import ConfigError
 ADDITIVE = ("default", "linear", "llama3")  # rope types whose angles add up: R(a) R(b) = R(a + b)
 # (position p, shift d) pairs of the self-check: short and long moves, back and ahead, and to slot 0
 CHECKS = ((3, 5), (40, -37), (300, 700), (1000, -1000))
-TOLERANCE = 1e-3  # relative; cos/sin are float32 (angles up to 1000 rad carry ~1e-5), a wrong convention is off by ~1
+TOLERANCE = 1e-3  # relative; the model's cos/sin are float32 (angles up to 1000 rad carry ~1e-5), a wrong convention is off by ~1
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,32 +60,49 @@ class Rotary:
         self._tables: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._check(model)
 
-    def _table(self, layer: int, span: int, like: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(span, cos, sin) for offsets -span..span, rows (2 span + 1, rotary dims), from the model's module."""
+    def _table(self, layer: int, span: int, like: torch.Tensor, dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(span, cos, sin) for offsets -span..span, rows (2 span + 1, rotary dims), computed in float64
+        and stored in `dtype`: the model's angles (offset x inverse frequency, each frequency twice, as
+        `rotate_half` pairs them)."""
         kind = None if self.layer_types is None else self.layer_types[layer]
-        key = (kind, like.dtype, like.device)
+        key = (kind, like.device, dtype)
         have = self._tables.get(key)
         if have is None or have[0] < span:
             span = max(span, 2 * have[0] if have else 1024)
-            offsets = torch.arange(-span, span + 1, device=like.device)[None]
-            cos, sin = self.module(like, offsets, **self._kind(layer))
-            self._tables[key] = have = (span, cos[0], sin[0])
+            inv_freq, scaling = self._frequencies(kind)
+            offsets = torch.arange(-span, span + 1, device=like.device, dtype=torch.float64)
+            angles = offsets[:, None] * inv_freq.to(device=like.device, dtype=torch.float64)
+            angles = torch.cat((angles, angles), dim=-1)
+            self._tables[key] = have = (span, (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype))
         return have
+
+    def _frequencies(self, kind: str | None) -> tuple[torch.Tensor, float]:
+        """The rotary module's inverse frequencies and attention scaling (Gemma 3 keeps one per layer type)."""
+        prefix = "" if kind is None else f"{kind}_"
+        inv_freq = getattr(self.module, f"{prefix}inv_freq", None)
+        if inv_freq is None:
+            raise ConfigError(f"positions='rerotate' needs the rotary module's inverse frequencies ({prefix}inv_freq), "
+                              f"which {type(self.module).__name__} does not keep; use positions=true")
+        return inv_freq, float(getattr(self.module, f"{prefix}attention_scaling", 1.0))
 
     def _kind(self, layer: int) -> dict[str, str]:
         return {} if self.layer_types is None else {"layer_type": self.layer_types[layer]}
 
-    def shift(self, x: torch.Tensor, delta: torch.Tensor | int, layer: int) -> torch.Tensor:
-        """x (..., n, D) rotated by `delta` positions, an int or a tensor broadcastable to x[..., 0]."""
+    def shift(self, x: torch.Tensor, delta: torch.Tensor | int, layer: int, once: bool = False) -> torch.Tensor:
+        """x (..., n, D) rotated by `delta` positions, an int or a tensor broadcastable to x[..., 0];
+        computed in float64, returned in x's dtype. `once`: a vector rotated once and never again
+        (the one-pass engines' queries) may be rotated in its own dtype, which is faster."""
+        dtype = x.dtype if once else torch.float64
         if isinstance(delta, int):  # one row of the table for every vector (the replay's per-token case)
-            span, cos, sin = self._table(layer, abs(delta), x)
+            span, cos, sin = self._table(layer, abs(delta), x, dtype)
         else:
             delta = torch.as_tensor(delta, device=x.device)
-            span, cos, sin = self._table(layer, int(delta.abs().max()) if delta.numel() else 0, x)
+            span, cos, sin = self._table(layer, int(delta.abs().max()) if delta.numel() else 0, x, dtype)
         cos, sin = cos[delta + span], sin[delta + span]
         rot = cos.shape[-1]
-        turned = x[..., :rot] * cos + _rotate_half(x[..., :rot]) * sin
-        return torch.cat((turned, x[..., rot:]), dim=-1) if rot < x.shape[-1] else turned
+        part = x[..., :rot].to(dtype)
+        turned = (part * cos + _rotate_half(part) * sin).to(x.dtype)
+        return torch.cat((turned, x[..., rot:].expand(*turned.shape[:-1], -1)), dim=-1) if rot < x.shape[-1] else turned
 
     def _check(self, model: PreTrainedModel) -> None:
         """Shift vectors the model rotated at p by d and compare with the model's own rotation at p + d,

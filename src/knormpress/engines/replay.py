@@ -8,14 +8,14 @@ holds for any strategy that scores from the layer's own cache view (`Strategy.sc
 whose state is shared across layers or steps in call order (`random_per_step`, one generator for
 all layers) is not `replayable` and runs token by token.
 
+Under positions=rerotate a static strategy kept in time order needs no step loop at all: its
+evictions are computed once and its logits rotated per block (`knormpress.engines.rerotated`).
+
 Layers that are not compressed (skipped, sliding-window, or shorter than the budget) attend
 through `plain_attention`, a sliding layer with the window the model passes, as in the masked engine.
 
-"Exactly" means in exact arithmetic (the float64 tests). In float32 the layer's inputs come from
-one batched pass instead of one-token steps and differ in the last bits, so a near-tie in the
-scores (rounded key norms, attention weights) can be decided differently than token by token, as
-for the masked engine (see `knormpress.engines.masked` for its measured size on the default study;
-the agreement diagnostic, `diagnostics/agreement.py`, counts it for any strategy).
+"Exactly" means in exact arithmetic (the float64 tests); in float32 a near-tie in the scores can
+be decided differently than token by token, as for the masked engine (`diagnostics/agreement.py`).
 
 The replay keeps B + interval slots per KV head (`_Slots`): a token that joins takes a slot freed by
 the last pruning, so nothing is copied; attention does not depend on the order of keys. Under
@@ -43,7 +43,8 @@ from knormpress.engines.base import Engine, EngineOutput, OnePassPlan, one_pass,
 from knormpress.engines.maths import (attend, bytes_per_token, cache_windows, cap, compresses, grouped_weights,
                                       held_uncompressed, layer_window, no_mask, plain_attention)
 from knormpress.engines.masked import expiry_attention
-from knormpress.eviction import evict_one, held_counts, select
+from knormpress.engines.rerotated import rerotated_attention, rerotated_kept, static_scores
+from knormpress.eviction import evict_one, expiry, held_counts, select
 from knormpress.rotary import Rotary
 from knormpress.strategies import CacheView
 
@@ -108,9 +109,15 @@ def replay_attention(module, query, key, value, attention_mask, scaling=None, dr
         plan.kept[layer] = (key[:, :, : T - 1], value[:, :, : T - 1], None, None)  # a sliding cache layer keeps its window
         return plain_attention(query, key, value, scaling, window, softcap).transpose(1, 2), None
     plan.held[layer] = (held_counts(T, c.budget, c.interval), per_token)
+    if plan.rotary is not None and c.strategy.static and c.sort_by_time:  # no step loop needed
+        exp = expiry(static_scores(key, c.strategy, layer), c.budget, c.interval)
+        plan.kept[layer] = rerotated_kept(key, value, exp, plan.rotary, layer)
+        return rerotated_attention(query, key, value, exp, c.fix_kv_size, plan.rotary, layer, scaling,
+                                   softcap).transpose(1, 2), None
     with _one_thread():  # a dozen tiny ops per token: threads only add overhead
         if c.strategy.needs_attention or c.strategy.needs_next_query or plan.rotary is not None:
-            out, plan.kept[layer] = _replay(query, key, value, scaling, softcap, _Slots(key, c, layer, plan.rotary))
+            fixed = static_scores(key, c.strategy, layer) if plan.rotary is not None and c.strategy.static else None
+            out, plan.kept[layer] = _replay(query, key, value, scaling, softcap, _Slots(key, c, layer, plan.rotary, fixed))
         else:
             exp, plan.kept[layer] = _expiries(key, value, _Slots(key, c, layer))
             out = expiry_attention(query, key, value, exp, c.fix_kv_size, scaling, softcap)
@@ -126,8 +133,10 @@ class _Slots:
     `select`'s order, and each new token takes the next index. Under rerotate with interval 1 in
     time order, the keys after the evicted one move back one index, and only those are rotated."""
 
-    def __init__(self, key: torch.Tensor, c: Compression, layer: int, rotary: Rotary | None = None) -> None:
+    def __init__(self, key: torch.Tensor, c: Compression, layer: int, rotary: Rotary | None = None,
+                 fixed: torch.Tensor | None = None) -> None:
         _, Hkv, self.T, _ = key.shape
+        self.fixed = fixed  # (1, Hkv, T) static scores by position (rerotate: from the keys at their true positions)
         self.c, self.layer, self.rotary, self.key = c, layer, rotary, key
         self.B, self.n = c.fix_kv_size, c.fix_kv_size + c.interval
         self.keys = key[:, :, : self.n].clone(memory_format=torch.contiguous_format)
@@ -148,17 +157,20 @@ class _Slots:
         c = self.c
         self.view.length = t
         if self.shifting:
-            self._evict_and_shift(evict_one(c.strategy.score(self.view), self.positions, t, c.budget)[0])
+            self._evict_and_shift(evict_one(self._score(), self.positions, t, c.budget)[0])
         elif c.interval == 1 and self.rotary is None and t < self.T - 1:
-            self.rows = (self.flat + evict_one(c.strategy.score(self.view), self.positions, t, c.budget)[0]).unsqueeze(0)
+            self.rows = (self.flat + evict_one(self._score(), self.positions, t, c.budget)[0]).unsqueeze(0)
         else:
-            self.order = select(c.strategy.score(self.view), self.positions, t, c.budget, c.sort_by_time)  # (1, Hkv, B)
+            self.order = select(self._score(), self.positions, t, c.budget, c.sort_by_time)  # (1, Hkv, B)
             self.free = _dropped(self.order, self.n)
             if self.rotary is not None:
                 self._move_to_indices()
             self.rows = (self.flat.unsqueeze(-1) + self.free).t().contiguous()
         self.filled = self.B
         return self.rows
+
+    def _score(self) -> torch.Tensor:
+        return self.c.strategy.score(self.view) if self.fixed is None else self.fixed.gather(-1, self.positions)
 
     def admit(self, t: int, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token t takes the next free slot; returns the slots' rows and its query (Hkv, g, D), which
