@@ -18,7 +18,7 @@ from knormpress.spec import Compression
 from knormpress.sweeps import count_jobs
 
 GROUPS = ("model", "dataset", "task", "compress", "eval", "tracking")
-PRESETS = {"strategies": 9, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 45, "passkey": 45, "needle": 45,
+PRESETS = {"strategies": 9, "keep_ratio": 8, "ablations": 8, "interval": 3, "paper": 45, "passkey": 27, "needle": 27,
            "diagnose": 9, "memory": 2}
 NEEDS = {"local_text": [f"dataset.path={Path(__file__)}"], "hub": ["model.source.id=org/model"]}  # options with a required setting (a path that exists)
 
