@@ -103,3 +103,15 @@ def test_the_speed_table_keeps_the_newest_line_of_a_setting_and_borrows_its_stre
     table = speed_table(tmp_path).splitlines()
     assert table[-1] == ("| keep_low, positions=rerotate, 1 text, 2 threads | replay | 10.00 | 66.00 | 6.60 | "
                          "330.0 (earlier run) | 5.0x |")  # 330 / 66
+
+
+def test_the_speed_table_reads_the_settings_of_newer_lines_under_compress(tmp_path):
+    """scripts/bench_engines.py now writes the compress settings under "compress"; older lines kept them flat."""
+    old = bench("keep_low", 73.0, 344.0, "rerotate")
+    new = {k: v for k, v in bench("keep_low", 14.0, 298.0).items() if k not in ("fix_kv_size", "keep_ratio", "positions", "interval")}
+    new["compress"] = {"fix_kv_size": 512, "keep_ratio": 0.5, "positions": "rerotate", "interval": 64}
+    (tmp_path / "engine_speed.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in (old, new)))
+    table = speed_table(tmp_path).splitlines()
+    assert table[-2:] == ["| keep_low, positions=rerotate, 1 text, 2 threads | replay | 10.00 | 73.00 | 7.30 | 344.0 | 4.7x |",
+                          "| keep_low, positions=rerotate, interval 64, 1 text, 2 threads | replay | 10.00 | 14.00 | 1.40 | "
+                          "298.0 | 21.3x |"]

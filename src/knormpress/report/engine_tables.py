@@ -15,13 +15,18 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def field(row: dict, name: str, default: object = None) -> object:
+    """A compress setting of a bench line: top-level in older lines, under "compress" in newer ones."""
+    return row.get(name, row.get("compress", {}).get(name, default))
+
+
 def setting(row: dict) -> str:
     """What a bench line measured, in words: the strategy and what differs from the study's defaults."""
     parts = [row["strategy"]]
-    if str(row.get("positions", "true")) != "true":
-        parts.append(f"positions={row['positions']}")
-    if row.get("interval", 1) != 1:
-        parts.append(f"interval {row['interval']}")
+    if str(field(row, "positions", "true")) != "true":
+        parts.append(f"positions={field(row, 'positions')}")
+    if field(row, "interval", 1) != 1:
+        parts.append(f"interval {field(row, 'interval')}")
     parts.append(f"{row['texts']} text{'s' if row['texts'] != 1 else ''}, {row['threads']} "
                  f"thread{'s' if row['threads'] != 1 else ''}")
     return ", ".join(parts)
@@ -49,10 +54,11 @@ def speed_table(results: str | Path) -> str:
     if not rows:
         return "Not measured yet: run `python scripts/bench_engines.py --out results/engine_speed.jsonl`."
     first = rows[0]  # the setting every row shares; lines of another budget are the agreement table's
-    rows = [r for r in rows if (r["fix_kv_size"], r["keep_ratio"]) == (first["fix_kv_size"], first["keep_ratio"])]
+    budget = (field(first, "fix_kv_size"), field(first, "keep_ratio"))
+    rows = [r for r in rows if (field(r, "fix_kv_size"), field(r, "keep_ratio")) == budget]
     lines = [f"Generated from `results/{ENGINE_SPEED}` and `results/{ENGINE_AGREEMENT}` "
              f"(`scripts/bench_engines.py`): {first['model']} in {first['dtype']}, {max(first['tokens'])}-token "
-             f"{first['dataset']} texts, fix_kv_size {first['fix_kv_size']}, keep_ratio {first['keep_ratio']:g}, "
+             f"{first['dataset']} texts, fix_kv_size {budget[0]}, keep_ratio {budget[1]:g}, "
              "skip_layers [0, 1]; times in seconds.", "",
              "| setting | one-pass engine | forward | one-pass | one-pass / forward | token by token | speed-up |",
              "|---|---|---|---|---|---|---|"]
